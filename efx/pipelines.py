@@ -1,0 +1,82 @@
+"""End-to-end recipes on one budget: EfficientXpert inside LoRA training, and the two baseline
+pipelines of method.md section 6."""
+from __future__ import annotations
+
+import logging
+from dataclasses import replace
+
+import torch
+
+from efx.callback import EfficientXpertCallback
+from efx.measure import measure
+from efx.prompts import encode_pair
+from efx.prune import PruneConfig, prune
+from efx.training import LoraSettings, TrainSettings, train_lora, training_subset
+
+log = logging.getLogger(__name__)
+
+PIPELINES = ("inside", "prune-lora-reprune", "lora-prune")
+
+
+def calibration_batches(tokenizer, examples: list[dict], *, n: int = 32, max_length: int = 128, seed: int = 0,
+                        system: str | None = None, batch_size: int = 8) -> list[dict]:
+    """Calibration batches from domain examples (prompt + completion, as trained), right-padded
+    with an attention mask so padding is excluded from the statistics."""
+    rows = [encode_pair(tokenizer, ex["prompt"], ex["completion"], system, max_length)[0]
+            for ex in training_subset(examples, n, seed + 1)]
+    batches = []
+    for start in range(0, len(rows), batch_size):
+        chunk = rows[start:start + batch_size]
+        width = max(map(len, chunk))
+        ids = torch.full((len(chunk), width), tokenizer.pad_token_id, dtype=torch.long)
+        mask = torch.zeros((len(chunk), width), dtype=torch.long)
+        for i, r in enumerate(chunk):
+            ids[i, :len(r)] = torch.tensor(r)
+            mask[i, :len(r)] = 1
+        batches.append({"input_ids": ids, "attention_mask": mask})
+    return batches
+
+
+def unload(model):
+    """The plain transformers model with the (reset or trained) adapter merged in."""
+    return model.merge_and_unload() if hasattr(model, "merge_and_unload") else model
+
+
+def prune_and_adapt(model, tokenizer, train_data: list[dict], *, prune: PruneConfig | None = None,
+                    lora: LoraSettings | None = None, training: TrainSettings | None = None,
+                    pipeline: str = "inside", calib=None, system: str | None = None, callback_kwargs=None):
+    """From a general model to a sparse domain expert in one call.
+
+    pipeline "inside" (EfficientXpert): LoRA training with pruning calls on the schedule.
+    "prune-lora-reprune": prune the base, train LoRA, merge, prune again (the authors' baseline
+    scripts). "lora-prune": train LoRA, merge, prune (the paper's "LoRA+Wanda").
+    Returns (plain merged model, report) with timings, peak memory and every call's audit.
+    """
+    config = prune or PruneConfig()
+    config.validate()
+    training = training or TrainSettings()
+    if pipeline not in PIPELINES:
+        raise ValueError(f"pipeline {pipeline!r}: expected one of {PIPELINES}")
+    if calib is None:
+        calib = calibration_batches(tokenizer, train_data, seed=training.seed, system=system)
+    record: dict = {}
+    calls: list[dict] = []
+    if pipeline == "inside":
+        callback = EfficientXpertCallback(calib, config, **(callback_kwargs or {}))
+        with measure(record, "train"):
+            model, stats = train_lora(model, tokenizer, train_data, lora=lora, training=training,
+                                      callbacks=[callback], system=system)
+        calls = callback.reports
+    else:
+        final = replace(config, pbs=False, use_memory=False)
+        if pipeline == "prune-lora-reprune":
+            with measure(record, "prune_base"):
+                calls.append(prune(model, calib, final).to_dict())
+        with measure(record, "train"):
+            model, stats = train_lora(model, tokenizer, train_data, lora=lora, training=training, system=system)
+        with measure(record, "prune_merged"):
+            calls.append(prune(model, calib, final).to_dict())
+    model = unload(model)
+    report = {"pipeline": pipeline, "measure": record, "train": {k: v for k, v in stats.items() if k != "log_history"},
+              "loss_history": [e for e in stats["log_history"] if "loss" in e], "calls": calls}
+    return model, report

@@ -1,0 +1,288 @@
+"""One pruning call (method.md sections 3-5): score every target, optionally update B with
+Partial Brain Surgeon, merge s*B@A into W, apply the mask and re-initialize the adapter.
+
+A call is all or nothing: inputs are checked before any weight changes, and if anything
+fails during the pass every touched tensor is restored.
+"""
+from __future__ import annotations
+
+import logging
+import math
+import time
+from dataclasses import asdict, dataclass, field
+
+import numpy as np
+import torch
+
+from efx import baselines
+from efx.arch import ROLES, ArchMap, architecture_map, base_linear, lora_parts
+from efx.calibration import as_batches, calibrate
+from efx.foresight import (GRANULARITIES, PRESETS, activation_statistic, foresight_score, parse_pattern,
+                           select_keep_mask)
+from efx.pbs import hessian_pbs, partial_brain_surgeon
+
+log = logging.getLogger(__name__)
+
+METHODS = ("efficientxpert", "foresight", "wanda", "magnitude", "sparsegpt")
+ROLE_ALIASES = {"q_proj": "q", "k_proj": "k", "v_proj": "v", "o_proj": "o", "gate_proj": "gate", "up_proj": "up",
+                "down_proj": "down"}
+
+
+@dataclass
+class PruneConfig:
+    """Settings of a pruning call."""
+
+    method: str = "efficientxpert"
+    """efficientxpert (ForeSight + PBS), foresight (no PBS), wanda, magnitude or sparsegpt."""
+    sparsity: float = 0.4
+    """Fraction of each target's weights removed (unstructured); N:M patterns fix it at 1 - N/M."""
+    pattern: str = "unstructured"
+    """"unstructured", or "N:M" such as "2:4" and "4:8"."""
+    granularity: str = "row"
+    """Where unstructured selection ranks scores: "row" (each output row) or "matrix"."""
+    preset: str = "efx"
+    """ForeSight/PBS preset: "efx" (method.md's corrected form) or "paper" (the authors' code)."""
+    pbs: bool | None = None
+    """Run Partial Brain Surgeon before the merge; None = on for efficientxpert only."""
+    pbs_keep_weight: float = 1.0
+    """PBS weight on the drift of kept coordinates."""
+    pbs_ridge: float = 1e-8
+    """PBS ridge term."""
+    pbs_max_pruned_per_row: int | None = None
+    """Limit PBS to the c largest pruned weights of each row."""
+    pbs_hessian: bool = False
+    """Use Hessian PBS (full E[x x^T]) instead of the diagonal objective."""
+    mask_lr: float = 0.5
+    """eta of the score memory S_t = eta*I_t + (1-eta)*S_{t-1}."""
+    use_memory: bool = True
+    """Blend with the previous call's scores (the final call of a schedule turns it off)."""
+    targets: tuple[str, ...] | None = None
+    """Roles (q, k, v, o, gate, up, down) or projection names to prune; None = all mapped targets."""
+    sparsegpt_block: int = 128
+    """SparseGPT columns per block."""
+    sparsegpt_damp: float = 0.01
+    """SparseGPT dampening, fraction of the mean Hessian diagonal."""
+    calib_batch_size: int = 8
+    """Sequences per calibration forward."""
+    seed: int = 0
+    """Seed of the adapter re-initialization (identical on every rank)."""
+
+    @property
+    def run_pbs(self) -> bool:
+        return self.method == "efficientxpert" if self.pbs is None else self.pbs
+
+    def validate(self) -> None:
+        """Raise ValueError naming the first bad setting."""
+        if self.method not in METHODS:
+            raise ValueError(f"method {self.method!r}: expected one of {METHODS}")
+        if not (isinstance(self.sparsity, (int, float)) and 0.0 <= self.sparsity < 1.0):
+            raise ValueError(f"sparsity {self.sparsity!r} is outside [0, 1)")
+        parse_pattern(self.pattern)
+        if self.granularity not in GRANULARITIES:
+            raise ValueError(f"granularity {self.granularity!r}: expected one of {GRANULARITIES}")
+        if self.preset not in PRESETS:
+            raise ValueError(f"preset {self.preset!r}: expected one of {PRESETS}")
+        if not 0.0 < self.mask_lr <= 1.0:
+            raise ValueError(f"mask_lr {self.mask_lr} is outside (0, 1]")
+        if self.pbs_keep_weight < 0 or self.pbs_ridge < 0:
+            raise ValueError("pbs_keep_weight and pbs_ridge must be >= 0")
+
+    @property
+    def effective_sparsity(self) -> float:
+        nm = parse_pattern(self.pattern)
+        return self.sparsity if nm is None else 1.0 - nm[0] / nm[1]
+
+
+@dataclass
+class PruneMemory:
+    """What a schedule carries from one call to the next: blended scores (bf16, on the CPU: two
+    bytes per weight) and the previous keep-masks (bit-packed: one bit per weight)."""
+
+    scores: dict[str, torch.Tensor] = field(default_factory=dict)
+    masks: dict[str, np.ndarray] = field(default_factory=dict)
+    calls: int = 0
+
+
+@dataclass
+class PruneReport:
+    """Per-module audit of one call."""
+
+    config: dict
+    modules: dict[str, dict] = field(default_factory=dict)
+    seconds: float = 0.0
+    call: int = 0
+
+    @property
+    def sparsity(self) -> float:
+        total = sum(m["total"] for m in self.modules.values())
+        return sum(m["total"] - m["kept"] for m in self.modules.values()) / max(total, 1)
+
+    @property
+    def mask_overlap(self) -> float | None:
+        values = [m["overlap_prev"] for m in self.modules.values() if m["overlap_prev"] is not None]
+        return sum(values) / len(values) if values else None
+
+    def to_dict(self) -> dict:
+        return {"call": self.call, "sparsity": self.sparsity, "mask_overlap": self.mask_overlap,
+                "seconds": self.seconds, "config": self.config, "modules": self.modules}
+
+
+def _selected_roles(arch: ArchMap, targets) -> list[str]:
+    available = list(arch.roles)
+    if targets is None:
+        return available
+    roles = [ROLE_ALIASES.get(t, t) for t in targets]
+    unknown = [t for t, r in zip(targets, roles) if r not in available]
+    if unknown:
+        raise ValueError(f"targets {unknown} match no module; this model's targets are {available}")
+    order = ROLES if arch.supported else available
+    return [r for r in order if r in roles]
+
+
+def _preflight(arch: ArchMap, roles: list[str], config: PruneConfig) -> None:
+    nm = parse_pattern(config.pattern)
+    for block in arch.blocks:
+        for role in roles:
+            module = block.targets[role]
+            weight = base_linear(module).weight
+            if nm is not None and weight.shape[1] % nm[1]:
+                raise ValueError(f"{block.qualified(role)}: in_features {weight.shape[1]} is not divisible by "
+                                 f"M={nm[1]} of pattern {config.pattern}")
+            tensors = [("weight", weight)]
+            parts = lora_parts(module)
+            if parts is not None:
+                tensors += [("lora_A", parts[0]), ("lora_B", parts[1])]
+                if parts[0].device != weight.device:
+                    raise ValueError(f"{block.qualified(role)}: adapter and weight are on different devices")
+            for name, t in tensors:
+                if not torch.isfinite(t).all():
+                    raise ValueError(f"{block.qualified(role)}.{name} holds NaN or Inf")
+
+
+def reset_adapter(module, generator: torch.Generator) -> None:
+    """Re-initialize the active adapter the way peft does (A Kaiming-uniform, B = 0), from an
+    explicit generator so that every rank draws the same A."""
+    parts = lora_parts(module)
+    if parts is None:
+        return
+    A, B, _ = parts
+    with torch.no_grad():
+        fresh = torch.empty(A.shape, dtype=torch.float32)
+        torch.nn.init.kaiming_uniform_(fresh, a=math.sqrt(5), generator=generator)
+        A.copy_(fresh.to(A.dtype))
+        B.zero_()
+
+
+def _overlap(previous: np.ndarray | None, keep: torch.Tensor) -> float | None:
+    """Jaccard overlap of the pruned sets of two calls."""
+    if previous is None:
+        return None
+    prev_pruned = ~np.unpackbits(previous, count=keep.numel()).astype(bool)
+    now_pruned = ~keep.reshape(-1).cpu().numpy()
+    union = np.logical_or(prev_pruned, now_pruned).sum()
+    return float(np.logical_and(prev_pruned, now_pruned).sum() / union) if union else 1.0
+
+
+@torch.no_grad()
+def prune(model, calib, config: PruneConfig | None = None, *, memory: PruneMemory | None = None) -> PruneReport:
+    """Prune every target of `model` (plain or peft-wrapped) to `config.sparsity`.
+
+    Args:
+        model: a causal LM of a mapped architecture, with or without a LoRA adapter.
+        calib: (N, T) token ids, or an iterable of batches with `input_ids` and `attention_mask`.
+        config: the call's settings.
+        memory: carried between the calls of a schedule (score memory, previous masks).
+    Returns:
+        PruneReport with per-module sparsity, overlap with the previous call's mask, and timings.
+    """
+    config = config or PruneConfig()
+    config.validate()
+    arch = architecture_map(model)
+    roles = _selected_roles(arch, config.targets)
+    _preflight(arch, roles, config)
+    batches = as_batches(calib, config.calib_batch_size)
+    memory = memory if memory is not None else PruneMemory()
+    report = PruneReport(config=asdict(config), call=memory.calls + 1)
+    undo: list[tuple[torch.Tensor, torch.Tensor]] = []
+    new_scores: dict[str, torch.Tensor] = {}
+    new_masks: dict[str, np.ndarray] = {}
+    generator = torch.Generator().manual_seed(config.seed * 1_000_003 + memory.calls)
+    need_hessian = config.method == "sparsegpt" or (config.run_pbs and config.pbs_hessian)
+
+    def on_block(block, stats):
+        for role in roles:
+            start = time.perf_counter()
+            name = block.qualified(role)
+            module = block.targets[role]
+            _prune_module(arch, block, role, module, stats[role], config, memory, name, undo, new_scores,
+                          new_masks, report, generator)
+            report.modules[name]["seconds"] = time.perf_counter() - start
+
+    started = time.perf_counter()
+    try:
+        calibrate(model, arch, batches, on_block, hessian=need_hessian, batch_size=config.calib_batch_size,
+                  desc=f"pruning ({config.method})")
+    except BaseException:
+        for target, saved in reversed(undo):
+            target.copy_(saved.to(target.device))
+        log.error("pruning failed; every modified weight was restored")
+        raise
+    if config.use_memory:
+        memory.scores.update(new_scores)
+    else:
+        memory.scores.clear()
+    memory.masks.update(new_masks)
+    memory.calls += 1
+    report.seconds = time.perf_counter() - started
+    log.info("pruning call %d: sparsity %.4f in %.1f s", report.call, report.sparsity, report.seconds)
+    return report
+
+
+def _prune_module(arch, block, role, module, stats, config, memory, name, undo, new_scores, new_masks, report,
+                  generator) -> None:
+    weight = base_linear(module).weight
+    parts = lora_parts(module)
+    for tensor in (weight,) + ((parts[0], parts[1]) if parts else ()):
+        undo.append((tensor, tensor.detach().to("cpu", copy=True)))
+    scale = parts[2] if parts else 0.0
+    U = weight.float() + (scale * (parts[1].float() @ parts[0].float()) if parts else 0.0)
+    sparsity = config.effective_sparsity if parse_pattern(config.pattern) else config.sparsity
+    merged = None
+    if config.method in ("efficientxpert", "foresight"):
+        prev = memory.scores.get(name) if config.use_memory else None
+        score = foresight_score(arch, block, role, stats, config.preset, prev=prev, eta=config.mask_lr)
+        if config.use_memory:
+            new_scores[name] = score.to("cpu", torch.bfloat16)
+        keep = select_keep_mask(score, sparsity, config.pattern, config.granularity)
+    elif config.method == "sparsegpt":
+        merged, keep = baselines.sparsegpt(U, stats.hessian, sparsity, config.pattern, config.sparsegpt_block,
+                                           config.sparsegpt_damp)
+    else:
+        score = baselines.magnitude_score(U) if config.method == "magnitude" else \
+            baselines.wanda_score(U, stats.act_sq, stats.tokens)
+        keep = select_keep_mask(score, sparsity, config.pattern, config.granularity)
+
+    if merged is None:
+        if parts is not None and config.run_pbs:
+            A, B, _ = parts
+            if config.pbs_hessian:
+                new_b = hessian_pbs(weight, A, B, keep, stats.hessian.to(weight.device), scale=scale,
+                                    ridge=config.pbs_ridge)
+            elif config.preset == "paper":  # authors' quirks: U without s, and sqrt of the statistic
+                new_b = partial_brain_surgeon(weight, A, B, keep, activation_statistic(stats, "paper"), scale=1.0,
+                                              keep_weight=config.pbs_keep_weight, ridge=config.pbs_ridge,
+                                              max_pruned_per_row=config.pbs_max_pruned_per_row)
+            else:
+                new_b = partial_brain_surgeon(weight, A, B, keep, stats.act_sq, scale=scale,
+                                              keep_weight=config.pbs_keep_weight, ridge=config.pbs_ridge,
+                                              max_pruned_per_row=config.pbs_max_pruned_per_row)
+            U = weight.float() + scale * (new_b.float() @ A.float())
+        merged = U * keep
+    weight.copy_(merged.to(weight.dtype))
+    reset_adapter(module, generator)
+    kept = int(keep.sum())
+    new_masks[name] = np.packbits(keep.reshape(-1).cpu().numpy())
+    report.modules[name] = {"role": role, "block": block.index, "shape": list(weight.shape), "kept": kept,
+                            "total": keep.numel(), "sparsity": 1.0 - kept / keep.numel(),
+                            "zeros": int((weight == 0).sum()),
+                            "overlap_prev": _overlap(memory.masks.get(name), keep)}

@@ -1,0 +1,141 @@
+"""Dense LoRA fine-tuning through peft and the transformers Trainer, with completion-only loss.
+Pruning plugs in as a Trainer callback (efx.callback)."""
+from __future__ import annotations
+
+import logging
+import random
+import tempfile
+from dataclasses import dataclass, field
+
+import torch
+from torch.utils.data import Dataset
+
+from efx.prompts import encode_pair
+
+log = logging.getLogger(__name__)
+
+ALL_PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+
+
+@dataclass
+class LoraSettings:
+    """The adapter (defaults: method.md section 5)."""
+
+    r: int = 8
+    """LoRA rank."""
+    alpha: float = 16.0
+    """LoRA alpha; the scale is alpha / r (alpha / sqrt(r) with rslora)."""
+    dropout: float = 0.05
+    """Dropout on the adapter input during training."""
+    target_modules: tuple[str, ...] = ALL_PROJECTIONS
+    """Module name suffixes to adapt."""
+    rslora: bool = False
+    """Rank-stabilized scaling alpha / sqrt(r)."""
+
+
+@dataclass
+class TrainSettings:
+    """The training budget. The default fits the embedded model on a 2-core CPU in minutes."""
+
+    epochs: int = 3
+    """Passes over the training subset (EfficientXpert prunes at the start of epochs 2..E)."""
+    n_examples: int = 240
+    """Training examples drawn (seeded) from the suite's training pool; 0 = all."""
+    batch_size: int = 8
+    """Examples per optimizer step."""
+    learning_rate: float = 2e-4
+    """Peak learning rate (linear decay)."""
+    weight_decay: float = 0.01
+    """AdamW weight decay."""
+    max_length: int = 160
+    """Tokens per example (prompt cut from the left beyond it)."""
+    seed: int = 0
+    """Seed of the data order, adapter initialization and dropout."""
+    logging_steps: int = 10
+    """Log the training loss every this many steps."""
+    extra_args: dict = field(default_factory=dict)
+    """More `transformers.TrainingArguments` fields (e.g. gradient_accumulation_steps)."""
+
+
+class CompletionDataset(Dataset):
+    """Tokenized prompt/completion pairs; labels are -100 on the prompt (completion-only loss)."""
+
+    def __init__(self, tokenizer, examples: list[dict], system: str | None, max_length: int):
+        self.rows = []
+        for example in examples:
+            ids, n_prompt = encode_pair(tokenizer, example["prompt"], example["completion"], system, max_length)
+            self.rows.append({"input_ids": ids, "labels": [-100] * n_prompt + ids[n_prompt:]})
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    def __getitem__(self, index: int) -> dict:
+        return self.rows[index]
+
+
+def pad_collate(pad_id: int):
+    """Right-pad a batch of {input_ids, labels} into tensors with an attention mask."""
+    def collate(rows: list[dict]) -> dict:
+        width = max(len(r["input_ids"]) for r in rows)
+        ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
+        labels = torch.full((len(rows), width), -100, dtype=torch.long)
+        mask = torch.zeros((len(rows), width), dtype=torch.long)
+        for i, r in enumerate(rows):
+            n = len(r["input_ids"])
+            ids[i, :n] = torch.tensor(r["input_ids"])
+            labels[i, :n] = torch.tensor(r["labels"])
+            mask[i, :n] = 1
+        return {"input_ids": ids, "labels": labels, "attention_mask": mask}
+    return collate
+
+
+def add_lora(model, lora: LoraSettings, seed: int = 0):
+    """Wrap `model` with a fresh peft LoRA adapter on `lora.target_modules`."""
+    from peft import LoraConfig, get_peft_model
+
+    torch.manual_seed(seed)
+    config = LoraConfig(r=lora.r, lora_alpha=lora.alpha, lora_dropout=lora.dropout,
+                        target_modules=list(lora.target_modules), use_rslora=lora.rslora, task_type="CAUSAL_LM")
+    return get_peft_model(model, config)
+
+
+def training_subset(examples: list[dict], n: int, seed: int) -> list[dict]:
+    """A seeded sample of `n` examples (all when n is 0 or larger than the pool)."""
+    if not examples:
+        raise ValueError("no training examples")
+    if not n or n >= len(examples):
+        return list(examples)
+    return random.Random(seed).sample(examples, n)
+
+
+def train_lora(model, tokenizer, examples: list[dict], *, lora: LoraSettings | None = None,
+               training: TrainSettings | None = None, callbacks=(), system: str | None = None):
+    """Fine-tune `model` with LoRA on prompt/completion `examples`.
+
+    A model already wrapped by peft keeps its adapter. Returns (peft model, stats) with the
+    Trainer's log history and the number of steps.
+    """
+    from transformers import Trainer, TrainingArguments, set_seed
+
+    lora = lora or LoraSettings()
+    training = training or TrainSettings()
+    set_seed(training.seed)
+    if not hasattr(model, "peft_config"):
+        model = add_lora(model, lora, training.seed)
+    data = CompletionDataset(tokenizer, training_subset(examples, training.n_examples, training.seed), system,
+                             training.max_length)
+    with tempfile.TemporaryDirectory(prefix="efx-train-") as out:
+        args = TrainingArguments(
+            output_dir=out, num_train_epochs=training.epochs, per_device_train_batch_size=training.batch_size,
+            learning_rate=training.learning_rate, weight_decay=training.weight_decay, lr_scheduler_type="linear",
+            logging_steps=training.logging_steps, save_strategy="no", report_to=[], seed=training.seed,
+            data_seed=training.seed, remove_unused_columns=False, dataloader_num_workers=0,
+            use_cpu=not torch.cuda.is_available(), **training.extra_args)
+        trainer = Trainer(model=model, args=args, train_dataset=data,
+                          data_collator=pad_collate(tokenizer.pad_token_id), callbacks=list(callbacks))
+        output = trainer.train()
+    model.eval()
+    stats = {"steps": output.global_step, "train_loss": output.training_loss, "n_examples": len(data),
+             "log_history": trainer.state.log_history}
+    log.info("trained %d steps, mean loss %.4f", output.global_step, output.training_loss)
+    return model, stats

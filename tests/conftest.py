@@ -1,0 +1,41 @@
+import os
+
+import pytest
+import torch
+
+os.environ.setdefault("TRITON_INTERPRET", "1")
+
+
+def pytest_configure(config):
+    config.addinivalue_line("markers", "real_model: loads the embedded SmolLM2-135M model (slow)")
+    config.addinivalue_line("markers", "ddp: spawns a two-process torchrun job")
+
+
+TINY = dict(vocab_size=96, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+            num_key_value_heads=2, max_position_embeddings=64)
+
+
+def tiny_model(family: str = "llama", seed: int = 0, **overrides):
+    """A tiny random decoder LM of the given family, built offline from its config class."""
+    import transformers
+    configs = {"llama": transformers.LlamaConfig, "mistral": transformers.MistralConfig,
+               "qwen2": transformers.Qwen2Config, "qwen3": transformers.Qwen3Config}
+    kwargs = dict(TINY, **overrides)
+    if family == "qwen3":
+        kwargs.setdefault("head_dim", kwargs["hidden_size"] // kwargs["num_attention_heads"])
+    config = configs[family](**kwargs)
+    torch.manual_seed(seed)
+    model = transformers.AutoModelForCausalLM.from_config(config)
+    model.eval()
+    return model
+
+
+@pytest.fixture
+def tiny_llama():
+    return tiny_model("llama")
+
+
+@pytest.fixture(scope="session")
+def embedded():
+    from efx.models import load_model
+    return load_model()

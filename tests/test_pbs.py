@@ -1,0 +1,106 @@
+"""Partial Brain Surgeon against a per-row float64 solve of the objective in method.md."""
+import pytest
+import torch
+
+from efx.pbs import hessian_pbs, partial_brain_surgeon
+
+
+def per_row_reference(W, A, B, keep, g, scale, keep_weight, ridge, max_pruned=None):
+    W, A, B, g = W.double(), A.double(), B.double(), g.double()
+    U = W + scale * B @ A
+    out = B.clone()
+    r = A.shape[0]
+    for i in range(W.shape[0]):
+        pruned = (~keep[i]).nonzero().flatten()
+        if max_pruned is not None and len(pruned) > max_pruned:
+            pruned = pruned[U[i, pruned].abs().argsort(descending=True)[:max_pruned]]
+        if len(pruned) == 0:
+            continue
+        in_s = torch.zeros(W.shape[1], dtype=torch.bool)
+        in_s[pruned] = True
+        weights = torch.where(in_s, g, keep_weight * g)
+        gram = (A * weights) @ A.T
+        rhs = -scale * (A[:, in_s] * (g[in_s] * U[i, in_s])).sum(1)
+        out[i] += torch.linalg.solve(scale**2 * gram + ridge * torch.eye(r, dtype=torch.float64), rhs)
+    return out
+
+
+def problem(m=24, n=40, r=8, sparsity=0.5, seed=0, dtype=torch.float32):
+    gen = torch.Generator().manual_seed(seed)
+    W = torch.randn(m, n, generator=gen)
+    A = torch.randn(r, n, generator=gen) / n**0.5
+    B = torch.randn(m, r, generator=gen) * 0.1
+    g = torch.rand(n, generator=gen) + 0.1
+    keep = torch.rand(m, n, generator=gen) > sparsity
+    keep[0] = True          # a row with nothing pruned
+    keep[1] = False         # a fully pruned row
+    return W.to(dtype), A.to(dtype), B.to(dtype), keep, g
+
+
+@pytest.mark.parametrize("keep_weight", [1.0, 0.5, 0.0])
+@pytest.mark.parametrize("max_pruned", [None, 3])
+@pytest.mark.parametrize("r", [1, 8])
+def test_matches_per_row_solve(keep_weight, max_pruned, r):
+    W, A, B, keep, g = problem(r=r)
+    got = partial_brain_surgeon(W, A, B, keep, g, scale=2.0, keep_weight=keep_weight, ridge=1e-6,
+                                max_pruned_per_row=max_pruned)
+    want = per_row_reference(W, A, B, keep, g, 2.0, keep_weight, 1e-6, max_pruned)
+    torch.testing.assert_close(got.double(), want, rtol=2e-4, atol=2e-5)
+    assert torch.equal(got[0], B[0]), "a row with nothing pruned must come back unchanged"
+
+
+def test_update_lowers_the_objective():
+    W, A, B, keep, g = problem()
+    new_b = partial_brain_surgeon(W, A, B, keep, g, scale=2.0)
+
+    def objective(b):
+        delta = 2.0 * (b - B) @ A
+        U = W + 2.0 * B @ A
+        return (((U + delta) * ~keep).pow(2) * g).sum() + ((delta * keep).pow(2) * g).sum()
+
+    assert objective(new_b) < objective(B)
+
+
+def test_rank_deficient_A_is_handled_by_the_ridge():
+    W, A, B, keep, g = problem(r=8)
+    A[4:] = A[:4]  # rank 4
+    got = partial_brain_surgeon(W, A, B, keep, g, scale=1.0, keep_weight=0.0, ridge=1e-6)
+    assert torch.isfinite(got).all()
+    want = per_row_reference(W, A, B, keep, g, 1.0, 0.0, 1e-6)
+    torch.testing.assert_close(got.double() @ A.double(), want @ A.double(), rtol=1e-3, atol=1e-3)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_half_inputs_computed_in_fp32_returned_in_b_dtype(dtype):
+    W, A, B, keep, g = problem(dtype=dtype)
+    got = partial_brain_surgeon(W, A, B, keep, g, scale=2.0)
+    assert got.dtype == dtype
+    want = per_row_reference(W.float(), A.float(), B.float(), keep, g, 2.0, 1.0, 1e-8)
+    torch.testing.assert_close(got.double(), want, rtol=2e-2, atol=2e-2)
+
+
+def test_bad_inputs_are_named():
+    W, A, B, keep, g = problem()
+    with pytest.raises(ValueError, match="act_sq"):
+        partial_brain_surgeon(W, A, B, keep, g[:-1])
+    with pytest.raises(ValueError, match="keep_mask"):
+        partial_brain_surgeon(W, A, B, keep.float(), g)
+    W[0, 0] = float("nan")
+    with pytest.raises(ValueError, match="NaN"):
+        partial_brain_surgeon(W, A, B, keep, g)
+
+
+def test_hessian_pbs_matches_per_row_solve():
+    W, A, B, keep, g = problem(m=10, n=16, r=4)
+    X = torch.randn(64, 16, generator=torch.Generator().manual_seed(3))
+    H = X.T @ X / 64
+    got = hessian_pbs(W, A, B, keep, H, scale=2.0, ridge=1e-6)
+    U = (W + 2.0 * B @ A).double()
+    for i in range(W.shape[0]):
+        At = A.double() * keep[i].double()
+        lhs = 4.0 * At @ H.double() @ At.T + 1e-6 * torch.eye(4, dtype=torch.float64)
+        rhs = 2.0 * At @ H.double() @ (U[i] * (~keep[i]).double())
+        want = B[i].double() + torch.linalg.solve(lhs, rhs)
+        if keep[i].all():
+            want = B[i].double()
+        torch.testing.assert_close(got[i].double(), want, rtol=1e-3, atol=1e-4)
