@@ -82,20 +82,25 @@ def activation_statistic(stats: ModuleStats, preset: str) -> torch.Tensor:
     return stats.act_sq.sqrt()
 
 
-def foresight_score(arch: ArchMap, block: BlockMap, role: str, stats: ModuleStats, preset: str = "efx",
-                    prev: torch.Tensor | None = None, eta: float = 1.0) -> torch.Tensor:
-    """I = |U| * stat_j * f for one target, blended with `prev` as eta*I + (1-eta)*prev (fp32)."""
+def score_inputs(arch: ArchMap, block: BlockMap, role: str, stats: ModuleStats, preset: str = "efx") -> dict:
+    """The arguments of the fused score kernel for one target: W, A, B, the scale (1 for the
+    "paper" preset, whose U omits it), the activation statistic and the propagation factors."""
     module = block.targets[role]
     weight = base_linear(module).weight
     parts = lora_parts(module)
     A, B, scale = parts if parts is not None else (None, None, 0.0)
-    if preset == "paper":
-        scale = 1.0
     factors = propagation_factors(arch, block, role, preset)
-    return efx_kernels.foresight_score(
-        weight, A, B, scale, activation_statistic(stats, preset).to(weight.device),
-        row_factor=factors.row, col_factor=factors.col,
-        prev=None if prev is None else prev.to(weight.device), eta=eta if prev is not None else 1.0)
+    return {"W": weight, "A": A, "B": B, "scale": 1.0 if preset == "paper" else scale,
+            "act_stat": activation_statistic(stats, preset).to(weight.device),
+            "row_factor": factors.row, "col_factor": factors.col}
+
+
+def foresight_score(arch: ArchMap, block: BlockMap, role: str, stats: ModuleStats, preset: str = "efx",
+                    prev: torch.Tensor | None = None, eta: float = 1.0) -> torch.Tensor:
+    """I = |U| * stat_j * f for one target, blended with `prev` as eta*I + (1-eta)*prev (fp32)."""
+    inputs = score_inputs(arch, block, role, stats, preset)
+    return efx_kernels.foresight_score(**inputs, prev=None if prev is None else prev.to(inputs["W"].device),
+                                       eta=eta if prev is not None else 1.0)
 
 
 def parse_pattern(pattern: str) -> tuple[int, int] | None:

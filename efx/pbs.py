@@ -65,12 +65,13 @@ def partial_brain_surgeon(W: torch.Tensor, A: torch.Tensor, B: torch.Tensor, kee
         Rows with nothing pruned come back unchanged.
     """
     _check(W, A, B, keep_mask, act_sq)
-    U = W.float() + scale * (B.float() @ A.float())
-    prune = pruned_set(U, keep_mask, max_pruned_per_row)
+    prune = ~keep_mask
+    if max_pruned_per_row is not None and max_pruned_per_row < W.shape[1]:
+        prune = pruned_set(W.float() + scale * (B.float() @ A.float()), keep_mask, max_pruned_per_row)
     if keep_weight == 1.0:
-        delta = efx_kernels.pbs_delta_keep1(U, ~prune, A, act_sq, scale, ridge)
+        delta = efx_kernels.pbs_delta_keep1(W, A, B, scale, ~prune, act_sq, ridge)
     else:
-        delta = efx_kernels.pbs_delta_general(U, prune, A, act_sq, scale, keep_weight, ridge)
+        delta = efx_kernels.pbs_delta_general(W, A, B, scale, prune, act_sq, keep_weight, ridge)
     untouched = ~prune.any(dim=1)
     delta[untouched] = 0.0
     return (B.float() + delta).to(B.dtype)

@@ -17,8 +17,9 @@ import torch
 from efx import baselines
 from efx.arch import ROLES, ArchMap, architecture_map, base_linear, lora_parts
 from efx.calibration import as_batches, calibrate
+import efx_kernels
 from efx.foresight import (GRANULARITIES, PRESETS, activation_statistic, foresight_score, parse_pattern,
-                           select_keep_mask)
+                           score_inputs, select_keep_mask)
 from efx.pbs import hessian_pbs, partial_brain_surgeon
 
 log = logging.getLogger(__name__)
@@ -246,9 +247,14 @@ def _prune_module(arch, block, role, module, stats, config, memory, name, undo, 
         undo.append((tensor, tensor.detach().to("cpu", copy=True)))
     scale = parts[2] if parts else 0.0
     U = weight.float() + (scale * (parts[1].float() @ parts[0].float()) if parts else 0.0)
-    sparsity = config.effective_sparsity if parse_pattern(config.pattern) else config.sparsity
+    nm = parse_pattern(config.pattern)
+    sparsity = config.effective_sparsity
     merged = None
-    if config.method in ("efficientxpert", "foresight"):
+    if config.method in ("efficientxpert", "foresight") and nm is not None and not config.use_memory:
+        # no score to remember: the fused kernel goes straight from weights to the N:M mask
+        keep = efx_kernels.foresight_nm_keep_mask(**score_inputs(arch, block, role, stats, config.preset), n=nm[0],
+                                                  m=nm[1])
+    elif config.method in ("efficientxpert", "foresight"):
         prev = memory.scores.get(name) if config.use_memory else None
         score = foresight_score(arch, block, role, stats, config.preset, prev=prev, eta=config.mask_lr)
         if config.use_memory:

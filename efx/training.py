@@ -89,6 +89,26 @@ def pad_collate(pad_id: int):
     return collate
 
 
+def completion_loss(model, inputs: dict) -> torch.Tensor:
+    """Mean next-token cross-entropy over completion tokens, computing vocabulary logits only
+    at the positions that predict a completion token (the LM head is a large share of a small
+    model's cost, and most positions are prompt)."""
+    from efx.arch import unwrap
+
+    inner = unwrap(model)
+    body = getattr(inner, getattr(inner, "base_model_prefix", ""), None)
+    head = getattr(inner, "lm_head", None)
+    if isinstance(model, torch.nn.parallel.DistributedDataParallel) or body is None or head is None:
+        return model(**inputs).loss  # DDP must see its own forward; generic models use their loss
+    labels = inputs["labels"]
+    hidden = body(input_ids=inputs["input_ids"], attention_mask=inputs["attention_mask"],
+                         use_cache=False).last_hidden_state
+    targets = labels[:, 1:]
+    chosen = targets != -100
+    logits = head(hidden[:, :-1][chosen]).float()
+    return torch.nn.functional.cross_entropy(logits, targets[chosen])
+
+
 def add_lora(model, lora: LoraSettings, seed: int = 0):
     """Wrap `model` with a fresh peft LoRA adapter on `lora.target_modules`."""
     from peft import LoraConfig, get_peft_model
@@ -108,6 +128,18 @@ def training_subset(examples: list[dict], n: int, seed: int) -> list[dict]:
     return random.Random(seed).sample(examples, n)
 
 
+def _trainer_class():
+    from transformers import Trainer
+
+    class CompletionTrainer(Trainer):
+        def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+            if return_outputs:
+                return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
+            return completion_loss(model, inputs)
+
+    return CompletionTrainer
+
+
 def train_lora(model, tokenizer, examples: list[dict], *, lora: LoraSettings | None = None,
                training: TrainSettings | None = None, callbacks=(), system: str | None = None):
     """Fine-tune `model` with LoRA on prompt/completion `examples`.
@@ -115,7 +147,7 @@ def train_lora(model, tokenizer, examples: list[dict], *, lora: LoraSettings | N
     A model already wrapped by peft keeps its adapter. Returns (peft model, stats) with the
     Trainer's log history and the number of steps.
     """
-    from transformers import Trainer, TrainingArguments, set_seed
+    from transformers import TrainingArguments, set_seed
 
     lora = lora or LoraSettings()
     training = training or TrainSettings()
@@ -131,7 +163,7 @@ def train_lora(model, tokenizer, examples: list[dict], *, lora: LoraSettings | N
             logging_steps=training.logging_steps, save_strategy="no", report_to=[], seed=training.seed,
             data_seed=training.seed, remove_unused_columns=False, dataloader_num_workers=0,
             use_cpu=not torch.cuda.is_available(), **training.extra_args)
-        trainer = Trainer(model=model, args=args, train_dataset=data,
+        trainer = _trainer_class()(model=model, args=args, train_dataset=data,
                           data_collator=pad_collate(tokenizer.pad_token_id), callbacks=list(callbacks))
         output = trainer.train()
     model.eval()

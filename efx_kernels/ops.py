@@ -48,9 +48,23 @@ def foresight_score(W, A, B, scale, act_stat, *, row_factor=None, col_factor=Non
     if prev is not None and prev.shape != W.shape:
         raise ValueError(f"prev must match W's shape {tuple(W.shape)}, got {tuple(prev.shape)}")
     if use_triton(W, A, B, act_stat):
-        from efx_kernels.foresight_score import foresight_score_triton
+        from efx_kernels.scoring import foresight_score_triton
         return foresight_score_triton(W, A, B, scale, act_stat, row_factor, col_factor, prev, eta, out_dtype)
     return reference.foresight_score(W, A, B, scale, act_stat, row_factor, col_factor, prev, eta, out_dtype)
+
+
+def foresight_nm_keep_mask(W, A, B, scale, act_stat, n: int, m: int, *, row_factor=None, col_factor=None, prev=None,
+                           eta=1.0) -> torch.Tensor:
+    """N:M keep-mask (bool (rows, cols)) of the ForeSight score, fused: the score is never
+    written. Same arguments as `foresight_score`."""
+    if W.shape[1] % m:
+        raise ValueError(f"columns {W.shape[1]} not divisible by M={m}")
+    if use_triton(W, A, B, act_stat):
+        from efx_kernels.scoring import nm_keep_mask_fused
+        return nm_keep_mask_fused(W, A, B, scale, act_stat, n, m, row_factor, col_factor, prev, eta)
+    score = foresight_score(W, A, B, scale, act_stat, row_factor=row_factor, col_factor=col_factor, prev=prev,
+                            eta=eta)
+    return reference.nm_keep_mask(score, n, m)
 
 
 def nm_keep_mask(score: torch.Tensor, n: int, m: int) -> torch.Tensor:
@@ -60,20 +74,21 @@ def nm_keep_mask(score: torch.Tensor, n: int, m: int) -> torch.Tensor:
     return reference.nm_keep_mask(score, n, m)
 
 
-def pbs_delta_keep1(U, keep_mask, A, act_sq, scale: float, ridge: float) -> torch.Tensor:
-    """dB (m, r) fp32 for keep_weight = 1 (see reference.pbs_delta_keep1)."""
-    if use_triton(U, A, act_sq):
+def pbs_delta_keep1(W, A, B, scale: float, keep_mask, act_sq, ridge: float) -> torch.Tensor:
+    """dB (m, r) fp32 of PBS with keep_weight = 1: -s ((P*U) D A^T)(s^2 A D A^T + ridge I)^-1,
+    U = W + s*B@A. W (m, n), A (r, n), B (m, r), keep_mask (m, n) bool, act_sq (n,)."""
+    if use_triton(W, A, B, act_sq):
         from efx_kernels.pbs import pbs_delta_keep1_triton
-        return pbs_delta_keep1_triton(U, keep_mask, A, act_sq, scale, ridge)
-    return reference.pbs_delta_keep1(U, keep_mask, A, act_sq, scale, ridge)
+        return pbs_delta_keep1_triton(W, A, B, scale, keep_mask, act_sq, ridge)
+    return reference.pbs_delta_keep1(W, A, B, scale, keep_mask, act_sq, ridge)
 
 
-def pbs_delta_general(U, prune_mask, A, act_sq, scale: float, keep_weight: float, ridge: float) -> torch.Tensor:
-    """dB (m, r) fp32 for any keep_weight (see reference.pbs_delta_general)."""
-    if use_triton(U, A, act_sq) and A.shape[0] <= 64:
+def pbs_delta_general(W, A, B, scale: float, prune_mask, act_sq, keep_weight: float, ridge: float) -> torch.Tensor:
+    """dB (m, r) fp32 of PBS for any keep_weight; `prune_mask` (m, n) bool is S_i per row."""
+    if use_triton(W, A, B, act_sq) and A.shape[0] <= 64:
         from efx_kernels.pbs import pbs_delta_general_triton
-        return pbs_delta_general_triton(U, prune_mask, A, act_sq, scale, keep_weight, ridge)
-    return reference.pbs_delta_general(U, prune_mask, A, act_sq, scale, keep_weight, ridge)
+        return pbs_delta_general_triton(W, A, B, scale, prune_mask, act_sq, keep_weight, ridge)
+    return reference.pbs_delta_general(W, A, B, scale, prune_mask, act_sq, keep_weight, ridge)
 
 
 def hessian_pbs_delta(U, keep_mask, A, H, scale: float, ridge: float) -> torch.Tensor:

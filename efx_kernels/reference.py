@@ -70,19 +70,24 @@ def nm_keep_mask(score: torch.Tensor, n: int, m: int) -> torch.Tensor:
     return keep.reshape(rows, cols)
 
 
-def pbs_delta_keep1(U: torch.Tensor, keep_mask: torch.Tensor, A: torch.Tensor, act_sq: torch.Tensor, scale: float,
-                    ridge: float) -> torch.Tensor:
+def effective(W: torch.Tensor, A: torch.Tensor, B: torch.Tensor, scale: float) -> torch.Tensor:
+    """U = W + scale * B @ A in fp32."""
+    return W.float() + scale * (B.float() @ A.float())
+
+
+def pbs_delta_keep1(W: torch.Tensor, A: torch.Tensor, B: torch.Tensor, scale: float, keep_mask: torch.Tensor,
+                    act_sq: torch.Tensor, ridge: float) -> torch.Tensor:
     """dB for keep_weight = 1: -s * ((P*U) D A^T) (s^2 A D A^T + ridge I)^-1, (m, r) fp32.
 
     The r x r system is formed and solved in fp64 (it is tiny; fp32 would lose the ridge)."""
     A64, g = A.double(), act_sq.double()
-    rhs = -scale * ((U.float() * (~keep_mask)) * act_sq.float()) @ A.float().T
+    rhs = -scale * ((effective(W, A, B, scale) * (~keep_mask)) * act_sq.float()) @ A.float().T
     gram = scale * scale * (A64 * g) @ A64.T + ridge * torch.eye(A.shape[0], dtype=torch.float64, device=A.device)
     return torch.linalg.solve(gram, rhs.double().T).T.float()
 
 
-def pbs_delta_general(U: torch.Tensor, prune_mask: torch.Tensor, A: torch.Tensor, act_sq: torch.Tensor,
-                      scale: float, keep_weight: float, ridge: float) -> torch.Tensor:
+def pbs_delta_general(W: torch.Tensor, A: torch.Tensor, B: torch.Tensor, scale: float, prune_mask: torch.Tensor,
+                      act_sq: torch.Tensor, keep_weight: float, ridge: float) -> torch.Tensor:
     """dB for any keep_weight: one r x r system per row, all formed with two GEMMs (method.md
     section 4) and solved in one batched call, in fp64 so that rank-deficient rows (fewer
     pruned columns than r, keep_weight 0) are decided by the ridge, not by rounding.
@@ -96,7 +101,7 @@ def pbs_delta_general(U: torch.Tensor, prune_mask: torch.Tensor, A: torch.Tensor
     full = ((A64 * g) @ A64.T).reshape(1, r * r)
     grams = (keep_weight * full + (1.0 - keep_weight) * (P @ outer)).reshape(-1, r, r)
     grams = scale * scale * grams + ridge * torch.eye(r, dtype=torch.float64, device=A.device)
-    rhs = -scale * ((U.double() * P) * g) @ A64.T
+    rhs = -scale * ((effective(W, A, B, scale).double() * P) * g) @ A64.T
     return torch.linalg.solve(grams, rhs[..., None])[..., 0].float()
 
 

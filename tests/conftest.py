@@ -6,10 +6,6 @@ import torch
 os.environ.setdefault("TRITON_INTERPRET", "1")
 
 
-def pytest_configure(config):
-    config.addinivalue_line("markers", "real_model: loads the embedded SmolLM2-135M model (slow)")
-    config.addinivalue_line("markers", "ddp: spawns a two-process torchrun job")
-
 
 TINY = dict(vocab_size=96, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
             num_key_value_heads=2, max_position_embeddings=64)

@@ -1,0 +1,137 @@
+"""The `efx` command: run, eval, export, bench."""
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from dataclasses import fields
+from pathlib import Path
+
+def _run_parser(sub) -> argparse.ArgumentParser:
+    from efx.run import RunSettings
+    p = sub.add_parser("run", help="general model -> verified sparse expert (with a dense LoRA reference)",
+                       description="Train the dense LoRA reference and the sparse expert on the same budget and "
+                                   "seed, evaluate both, and write the expert, report.json, report.md and plots.")
+    p.add_argument("--config", help="JSON or YAML file holding any of the settings below (flags override it)")
+    p.add_argument("--output", default="runs/expert", help="output folder (default: runs/expert)")
+    p.add_argument("--overwrite", action="store_true", help="replace a non-empty output folder")
+    p.add_argument("--resume", action="store_true", help="continue a run in its output folder from its last stage")
+    p.add_argument("--quick", action="store_true", help="a small budget that finishes in about 3 minutes on 2 CPUs")
+    docs = _field_docs(RunSettings)
+    for f in fields(RunSettings):
+        flag = "--" + f.name.replace("_", "-")
+        if f.type in ("bool", bool):
+            p.add_argument(flag, action=argparse.BooleanOptionalAction, default=None, help=docs.get(f.name))
+            continue
+        kind = {"int": int, "float": float}.get(str(f.type).split(" ")[0], str)
+        if f.name == "eval_items":
+            kind = int
+        p.add_argument(flag, type=kind, default=None, help=f"{docs.get(f.name, '')} (default: {f.default})")
+    return p
+
+
+def _field_docs(cls) -> dict[str, str]:
+    """Attribute docstrings of a dataclass, read from its source."""
+    import ast
+    import inspect
+    tree = ast.parse(inspect.getsource(cls))
+    docs, last = {}, None
+    for node in tree.body[0].body:
+        if isinstance(node, ast.AnnAssign):
+            last = node.target.id
+        elif isinstance(node, ast.Expr) and isinstance(getattr(node, "value", None), ast.Constant) and last:
+            docs[last] = str(node.value.value).strip()
+            last = None
+    return docs
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="efx", description="Sparse, domain-adapted experts from one LoRA run.")
+    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    sub = parser.add_subparsers(dest="command", required=True)
+    _run_parser(sub)
+    e = sub.add_parser("eval", help="evaluate a saved expert or any model on a suite")
+    e.add_argument("--model", default=None, help="model folder or .gguf (default: the embedded model)")
+    e.add_argument("--domain", default="medical", help="medical, legal or a path to user data")
+    e.add_argument("--template", default=None, help="record template of user data: pubmedqa, mednli, casehold, "
+                                                    "contractnli")
+    e.add_argument("--eval-items", type=int, default=None, help="first N items of each task")
+    e.add_argument("--output", default=None, help="write the result as JSON here")
+    x = sub.add_parser("export", help="export a saved expert: dense-with-zeros HF folder and packed checkpoint")
+    x.add_argument("--model", required=True, help="the expert's Hugging Face folder")
+    x.add_argument("--output", required=True, help="folder to write")
+    x.add_argument("--format", default="bitmap", help="packed format: bitmap, 2:4 or masked (default: bitmap)")
+    x.add_argument("--overwrite", action="store_true", help="replace a non-empty output folder")
+    b = sub.add_parser("bench", help="run the kernel and pruning benchmarks and write JSON")
+    b.add_argument("--output", default="benchmarks/results", help="folder for the JSON results")
+    b.add_argument("--only", default=None, help="one benchmark: pbs, kernels")
+    return parser
+
+
+def _settings_from(args):
+    from efx.run import RunSettings, load_settings
+    values = load_settings(args.config) if args.config else {}
+    for f in fields(RunSettings):
+        value = getattr(args, f.name, None)
+        if value is not None:
+            values[f.name] = value
+    return RunSettings.quick(**values) if args.quick else RunSettings(**values)
+
+
+def main(argv=None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    try:
+        if args.command == "run":
+            from efx.run import run
+            settings = _settings_from(args)
+            settings.validate()
+            report = run(settings, args.output, overwrite=args.overwrite, resume=args.resume)
+            print(Path(args.output, "report.md").read_text())
+            print(f"overall retention {report['retention']['overall']:.3f}, sparsity "
+                  f"{report['sparsity']['overall']:.4f}, wall {report['wall_seconds']:.0f} s")
+        elif args.command == "eval":
+            from efx import evaluate, load_model, load_suite
+            from efx.io import atomic_write_text
+            model, tokenizer = load_model(args.model)
+            suite = load_suite(args.domain, template=args.template) if args.template else load_suite(args.domain)
+            result = evaluate(model, tokenizer, suite, max_items=args.eval_items)
+            text = json.dumps(result, indent=2)
+            if args.output:
+                atomic_write_text(args.output, text)
+            print(text)
+        elif args.command == "export":
+            from efx.export import export
+            export(args.model, args.output, fmt=args.format, overwrite=args.overwrite)
+        elif args.command == "bench":
+            return _bench(args)
+    except (ValueError, FileExistsError, FileNotFoundError) as err:
+        print(f"efx {args.command}: error: {err}", file=sys.stderr)
+        return 2
+    return 0
+
+
+def _bench(args) -> int:
+    import subprocess
+    root = Path(__file__).resolve().parent.parent / "benchmarks"
+    scripts = {"pbs": "pbs_speed.py", "kernels": "kernel_bench.py"}
+    chosen = [args.only] if args.only else list(scripts)
+    for name in chosen:
+        if name not in scripts:
+            print(f"efx bench: error: --only {name!r}: expected one of {sorted(scripts)}", file=sys.stderr)
+            return 2
+        script = root / scripts[name]
+        if not script.is_file():
+            print(f"efx bench: error: {script} not found (efx bench runs from a source checkout)", file=sys.stderr)
+            return 2
+        code = subprocess.call([sys.executable, str(script), "--output", args.output])
+        if code:
+            return code
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,169 @@
+"""Run reports: report.json, report.md and PNG plots, each written atomically."""
+from __future__ import annotations
+
+import json
+import os
+import platform
+import tempfile
+from collections import defaultdict
+from pathlib import Path
+
+from efx.io import atomic_write_text
+
+
+def versions() -> dict:
+    import torch
+    import transformers
+    import peft
+    out = {"python": platform.python_version(), "torch": torch.__version__, "transformers": transformers.__version__,
+           "peft": peft.__version__, "machine": f"{platform.machine()} {os.cpu_count()} CPUs",
+           "cuda": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None}
+    try:
+        import triton
+        out["triton"] = triton.__version__
+    except Exception:
+        out["triton"] = None
+    return out
+
+
+def sparsity_audit(model, roles_only: bool = True) -> dict:
+    """Exact zeros of every target weight, read from the model itself (not from masks)."""
+    from efx.arch import architecture_map, base_linear
+    arch = architecture_map(model)
+    modules = {}
+    for block in arch.blocks:
+        for role, module in block.targets.items():
+            w = base_linear(module).weight
+            zeros = int((w == 0).sum())
+            modules[block.qualified(role)] = {"block": block.index, "role": role, "zeros": zeros,
+                                              "total": w.numel(), "sparsity": zeros / w.numel()}
+    total = sum(m["total"] for m in modules.values())
+    return {"overall": sum(m["zeros"] for m in modules.values()) / max(total, 1), "modules": modules}
+
+
+def _fmt(value, digits=3):
+    return "—" if value is None else f"{value:.{digits}f}"
+
+
+def markdown(report: dict) -> str:
+    """The human-readable report."""
+    s = report["settings"]
+    lines = [f"# efx run: {s['method']} on {s['domain']}", "",
+             f"Model `{s['model'] or 'embedded SmolLM2-135M-Instruct'}`, sparsity {s['sparsity']} "
+             f"({s['pattern']}), preset {s['preset']}, seed {s['seed']}.", "",
+             "## Scores", "",
+             "| task | metric | base | dense LoRA | expert | retention | majority |",
+             "| --- | --- | --- | --- | --- | --- | --- |"]
+    base = report.get("base_eval") or {"tasks": {}}
+    dense, expert = report["dense_eval"], report["expert_eval"]
+    for task, scores in expert["tasks"].items():
+        for metric in ("accuracy", "accuracy_norm", "macro_f1"):
+            b = base["tasks"].get(task, {}).get(metric)
+            d, e = dense["tasks"][task][metric], scores[metric]
+            lines.append(f"| {task} | {metric} | {_fmt(b)} | {_fmt(d)} | {_fmt(e)} | "
+                         f"{_fmt(e / d if d else None)} | {_fmt(scores['majority_baseline'])} |")
+    if expert.get("perplexity"):
+        b = (base.get("perplexity") or {}).get("perplexity")
+        d, e = dense["perplexity"]["perplexity"], expert["perplexity"]["perplexity"]
+        lines.append(f"| held-out text | perplexity | {_fmt(b, 2)} | {_fmt(d, 2)} | {_fmt(e, 2)} | {_fmt(d / e)} | — |")
+    ret = report["retention"]
+    lines += ["", f"Overall retention ({ret['metric']}, perplexity as dense/expert): **{ret['overall']:.3f}**", "",
+              "## Sparsity audit (zeros counted in the saved weights)", "",
+              f"Overall sparsity of the targets: **{report['sparsity']['overall']:.4f}**", "",
+              "| module type | sparsity min | mean | max |", "| --- | --- | --- | --- |"]
+    by_role = defaultdict(list)
+    for m in report["sparsity"]["modules"].values():
+        by_role[m["role"]].append(m["sparsity"])
+    for role, values in by_role.items():
+        lines.append(f"| {role} | {min(values):.4f} | {sum(values) / len(values):.4f} | {max(values):.4f} |")
+    calls = report.get("prune_calls", [])
+    if calls:
+        lines += ["", "## Pruning calls", "", "| call | when | sparsity | mask overlap with previous | seconds |",
+                  "| --- | --- | --- | --- | --- |"]
+        for c in calls:
+            lines.append(f"| {c['call']} | {c.get('when', '')} | {c['sparsity']:.4f} | {_fmt(c['mask_overlap'])} | "
+                         f"{c['seconds']:.1f} |")
+    cost = report["cost"]
+    lines += ["", "## Cost (same machine, same run)", "", "| stage | seconds | peak RSS (MB) |", "| --- | --- | --- |"]
+    for stage, m in report["measure"].items():
+        lines.append(f"| {stage} | {m['seconds']:.1f} | {m['peak_rss_mb']:.0f} |")
+    lines += ["", f"Expert training vs dense LoRA training: time x{cost['time_ratio']:.3f}, "
+                  f"peak RSS x{cost['memory_ratio']:.3f}.", "",
+              "## Settings and versions", "", "```json", json.dumps({"settings": s, "versions": report["versions"],
+                                                                      "suite": report["suite_info"]}, indent=2),
+              "```", ""]
+    return "\n".join(lines)
+
+
+def plots(report: dict, folder: Path) -> list[str]:
+    """score_per_task.png and sparsity_per_layer.png; returns the file names written."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    written = []
+    tasks = list(report["expert_eval"]["tasks"])
+    series = [("base", report.get("base_eval")), ("dense LoRA", report["dense_eval"]),
+              ("expert", report["expert_eval"])]
+    series = [(name, ev) for name, ev in series if ev]
+    fig, ax = plt.subplots(figsize=(6, 3.5))
+    width = 0.8 / len(series)
+    for k, (name, ev) in enumerate(series):
+        ax.bar([i + k * width for i in range(len(tasks))], [ev["tasks"][t]["accuracy"] for t in tasks], width,
+               label=name)
+    ax.plot([i + 0.4 - width / 2 for i in range(len(tasks))],
+            [report["expert_eval"]["tasks"][t]["majority_baseline"] for t in tasks], "k_", markersize=20,
+            label="majority")
+    ax.set_xticks([i + 0.4 - width / 2 for i in range(len(tasks))], tasks)
+    ax.set_ylabel("accuracy")
+    ax.set_ylim(0, 1)
+    ax.legend(fontsize=8)
+    ax.set_title(f"{report['settings']['domain']}: scores per task")
+    written.append(_save(fig, folder / "score_per_task.png"))
+
+    by_role = defaultdict(dict)
+    for m in report["sparsity"]["modules"].values():
+        by_role[m["role"]][m["block"]] = m["sparsity"]
+    fig, ax = plt.subplots(figsize=(6, 3.5))
+    for role, values in by_role.items():
+        blocks = sorted(values)
+        ax.plot(blocks, [values[b] for b in blocks], marker=".", label=role)
+    ax.set_xlabel("block")
+    ax.set_ylabel("sparsity")
+    ax.legend(fontsize=7, ncol=4)
+    ax.set_title("sparsity per layer and module type")
+    written.append(_save(fig, folder / "sparsity_per_layer.png"))
+    return written
+
+
+def retention_plot(points: list[tuple[float, float]], path: Path, label: str) -> str:
+    """Retention against sparsity, for reports covering several sparsities."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    fig, ax = plt.subplots(figsize=(5, 3.5))
+    xs, ys = zip(*sorted(points))
+    ax.plot(xs, ys, marker="o", label=label)
+    ax.axhline(1.0, color="grey", lw=0.5)
+    ax.set_xlabel("sparsity")
+    ax.set_ylabel("retention vs dense LoRA")
+    ax.legend()
+    return _save(fig, path)
+
+
+def _save(fig, path: Path) -> str:
+    import matplotlib.pyplot as plt
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".png")
+    os.close(fd)
+    fig.tight_layout()
+    fig.savefig(tmp, dpi=110)
+    plt.close(fig)
+    os.replace(tmp, path)
+    return path.name
+
+
+def write_report(report: dict, folder: Path) -> None:
+    atomic_write_text(folder / "report.json", json.dumps(report, indent=2))
+    report["plots"] = plots(report, folder)
+    atomic_write_text(folder / "report.json", json.dumps(report, indent=2))
+    atomic_write_text(folder / "report.md", markdown(report))

@@ -1,0 +1,249 @@
+"""The main job: from a general model to a verified sparse expert, with the dense LoRA
+reference trained on the same budget and seed, both evaluated, and a report.
+
+Each stage writes its result atomically into the output folder; a rerun with `resume=True`
+skips the stages already completed.
+"""
+from __future__ import annotations
+
+import gc
+import json
+import logging
+import shutil
+import time
+from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
+
+import torch
+
+from efx.data import load_suite
+from efx.evaluate import evaluate, retention
+from efx.io import atomic_folder, atomic_write_text
+from efx.measure import measure
+from efx.models import load_model
+from efx.pipelines import calibration_batches, prune_and_adapt, unload
+from efx.prune import METHODS, PruneConfig
+from efx.report import sparsity_audit, versions, write_report
+from efx.training import LoraSettings, TrainSettings, train_lora
+
+log = logging.getLogger(__name__)
+
+RUN_METHODS = METHODS + ("dense",)
+
+
+@dataclass
+class RunSettings:
+    """Everything `efx run` does; also the schema of its config file (JSON or YAML)."""
+
+    model: str | None = None
+    """Model folder, .gguf file or cached hub id; None = the embedded SmolLM2-135M-Instruct."""
+    domain: str = "medical"
+    """"medical", "legal", or a path to user data (JSONL file or folder)."""
+    method: str = "efficientxpert"
+    """efficientxpert, foresight, wanda, sparsegpt, magnitude or dense (no pruning)."""
+    sparsity: float = 0.4
+    """Target sparsity (unstructured)."""
+    pattern: str = "unstructured"
+    """unstructured, 2:4 or 4:8."""
+    preset: str = "efx"
+    """ForeSight/PBS preset: efx or paper."""
+    granularity: str = "row"
+    """Selection granularity: row or matrix."""
+    pipeline: str | None = None
+    """Baseline pipeline: lora-prune or prune-lora-reprune (EfficientXpert always prunes inside)."""
+    pbs_keep_weight: float = 1.0
+    """PBS keep weight."""
+    mask_lr: float = 0.5
+    """Score memory eta."""
+    lora_r: int = 8
+    """LoRA rank."""
+    lora_alpha: float = 16.0
+    """LoRA alpha."""
+    epochs: int = 3
+    """Training epochs (EfficientXpert prunes at the start of epochs 2..E and at the end)."""
+    n_examples: int = 240
+    """Training examples per epoch, drawn from the suite's training pool."""
+    batch_size: int = 8
+    """Training batch size."""
+    learning_rate: float = 2e-4
+    """Peak learning rate."""
+    calib: int = 32
+    """Calibration sequences (domain training text)."""
+    eval_items: int | None = None
+    """Evaluate on the first N items of each task (None = all)."""
+    eval_base: bool = False
+    """Also evaluate the untouched base model."""
+    seed: int = 0
+    """Seed of data sampling, adapter initialization and dropout."""
+
+    @classmethod
+    def quick(cls, **overrides) -> "RunSettings":
+        """A budget that finishes in about 3 minutes on a 2-core CPU."""
+        return cls(**{"epochs": 2, "n_examples": 64, "calib": 16, "eval_items": 100, **overrides})
+
+    def validate(self) -> None:
+        if self.method not in RUN_METHODS:
+            raise ValueError(f"--method {self.method!r}: expected one of {RUN_METHODS}")
+        if self.pipeline not in (None, "lora-prune", "prune-lora-reprune"):
+            raise ValueError(f"--pipeline {self.pipeline!r}: expected lora-prune or prune-lora-reprune")
+        if self.method in ("efficientxpert", "foresight") and self.pipeline:
+            raise ValueError("--pipeline applies to the baselines; EfficientXpert prunes inside training")
+        if self.epochs < 2 and self.method in ("efficientxpert", "foresight"):
+            raise ValueError("EfficientXpert needs --epochs >= 2 (epoch 1 is plain LoRA)")
+        for name in ("n_examples", "batch_size", "calib", "lora_r"):
+            if getattr(self, name) <= 0:
+                raise ValueError(f"--{name.replace('_', '-')} must be positive")
+        if self.method != "dense":
+            self.prune_config().validate()
+        if self.domain not in ("medical", "legal") and not Path(self.domain).exists():
+            raise ValueError(f"--domain {self.domain!r}: expected medical, legal or an existing path")
+
+    def prune_config(self) -> PruneConfig:
+        return PruneConfig(method=self.method, sparsity=self.sparsity, pattern=self.pattern, preset=self.preset,
+                           granularity=self.granularity, pbs_keep_weight=self.pbs_keep_weight,
+                           mask_lr=self.mask_lr, seed=self.seed)
+
+    def lora(self) -> LoraSettings:
+        return LoraSettings(r=self.lora_r, alpha=self.lora_alpha)
+
+    def training(self) -> TrainSettings:
+        return TrainSettings(epochs=self.epochs, n_examples=self.n_examples, batch_size=self.batch_size,
+                             learning_rate=self.learning_rate, seed=self.seed)
+
+
+def load_settings(path: str | Path) -> dict:
+    """Settings from a JSON or YAML file; unknown keys are an error."""
+    text = Path(path).read_text()
+    if str(path).endswith((".yaml", ".yml")):
+        import yaml
+        data = yaml.safe_load(text) or {}
+    else:
+        data = json.loads(text)
+    known = {f.name for f in fields(RunSettings)}
+    unknown = sorted(set(data) - known)
+    if unknown:
+        raise ValueError(f"{path}: unknown settings {unknown}; known: {sorted(known)}")
+    return data
+
+
+class Stages:
+    """Completed stages of a run, kept as JSON files in `<output>/stages/`."""
+
+    def __init__(self, folder: Path):
+        self.folder = folder / "stages"
+
+    def get(self, name: str):
+        path = self.folder / f"{name}.json"
+        return json.loads(path.read_text()) if path.is_file() else None
+
+    def put(self, name: str, value) -> None:
+        atomic_write_text(self.folder / f"{name}.json", json.dumps(value))
+
+
+def prepare_output(output: Path, *, overwrite: bool, resume: bool) -> None:
+    """Refuse a non-empty folder unless told to overwrite it or resume in it."""
+    if output.exists() and not output.is_dir():
+        raise FileExistsError(f"--output {output} is a file")
+    if output.exists() and any(output.iterdir()):
+        if resume:
+            if not (output / "stages").is_dir():
+                raise FileExistsError(f"--resume: {output} holds no efx run to resume")
+            return
+        if not overwrite:
+            raise FileExistsError(f"--output {output} exists and is not empty; pass --overwrite to replace it "
+                                  "or --resume to continue its run")
+        shutil.rmtree(output)
+    output.mkdir(parents=True, exist_ok=True)
+
+
+def run(settings: RunSettings, output: str | Path, *, overwrite: bool = False, resume: bool = False) -> dict:
+    """Train the dense LoRA reference and the sparse expert, evaluate both, save the expert and
+    write report.json, report.md and plots into `output`. Returns the report."""
+    settings.validate()
+    output = Path(output)
+    prepare_output(output, overwrite=overwrite, resume=resume)
+    stages = Stages(output)
+    saved = stages.get("settings")
+    if saved is not None and saved != asdict(settings):
+        raise ValueError(f"--resume: {output} was run with other settings; start a new output folder")
+    stages.put("settings", asdict(settings))
+    started = time.perf_counter()
+    record: dict = {}
+    with measure(record, "load"):
+        model, tokenizer = load_model(settings.model)
+        suite = load_suite(settings.domain, seed=settings.seed)
+    eval_kwargs = {"max_items": settings.eval_items}
+
+    base_eval = stages.get("base_eval")
+    if settings.eval_base and base_eval is None:
+        with measure(record, "base_eval"):
+            base_eval = evaluate(model, tokenizer, suite, **eval_kwargs)
+        stages.put("base_eval", base_eval)
+
+    dense = stages.get("dense")
+    if dense is None:
+        reference, _ = load_model(settings.model)
+        dense_record: dict = {}
+        with measure(dense_record, "dense_train"):
+            reference, stats = train_lora(reference, tokenizer, suite.train, lora=settings.lora(),
+                                          training=settings.training(), system=suite.system)
+        with measure(dense_record, "dense_eval"):
+            dense_eval = evaluate(reference, tokenizer, suite, **eval_kwargs)
+        dense = {"eval": dense_eval, "measure": dense_record, "train_loss": stats["train_loss"]}
+        stages.put("dense", dense)
+        del reference
+        gc.collect()
+    record.update(dense["measure"])
+
+    expert_stage = stages.get("expert")
+    if expert_stage is None or not (output / "expert" / "config.json").is_file():
+        expert_stage = _train_expert(model, tokenizer, suite, settings, output)
+        stages.put("expert", expert_stage)
+    record.update(expert_stage["measure"])
+    expert, _ = load_model(output / "expert")
+
+    expert_eval = stages.get("expert_eval")
+    if expert_eval is None:
+        with measure(record, "expert_eval"):
+            expert_eval = evaluate(expert, tokenizer, suite, **eval_kwargs)
+        stages.put("expert_eval", expert_eval)
+
+    expert_train = record.get("expert_train") or record.get("train") or {}
+    report = {
+        "settings": asdict(settings), "versions": versions(), "suite_info": suite.info,
+        "base_eval": base_eval, "dense_eval": dense["eval"], "expert_eval": expert_eval,
+        "retention": retention(expert_eval, dense["eval"]),
+        "retention_norm": retention(expert_eval, dense["eval"], metric="accuracy_norm"),
+        "sparsity": sparsity_audit(expert), "prune_calls": expert_stage.get("calls", []),
+        "measure": record,
+        "cost": {"time_ratio": expert_train["seconds"] / record["dense_train"]["seconds"],
+                 "memory_ratio": expert_train["peak_rss_mb"] / record["dense_train"]["peak_rss_mb"]},
+        "wall_seconds": time.perf_counter() - started,
+    }
+    write_report(report, output)
+    log.info("report written to %s", output / "report.md")
+    return report
+
+
+def _train_expert(model, tokenizer, suite, settings: RunSettings, output: Path) -> dict:
+    record: dict = {}
+    calls: list = []
+    if settings.method == "dense":
+        with measure(record, "expert_train"):
+            model, _ = train_lora(model, tokenizer, suite.train, lora=settings.lora(), training=settings.training(),
+                                  system=suite.system)
+        model = unload(model)
+    else:
+        calib = calibration_batches(tokenizer, suite.train, n=settings.calib, seed=settings.seed,
+                                    system=suite.system)
+        pipeline = "inside" if settings.method in ("efficientxpert", "foresight") else \
+            (settings.pipeline or "lora-prune")
+        with measure(record, "expert_train"):
+            model, report = prune_and_adapt(model, tokenizer, suite.train, prune=settings.prune_config(),
+                                            lora=settings.lora(), training=settings.training(), pipeline=pipeline,
+                                            calib=calib, system=suite.system)
+        calls = report["calls"]
+    with atomic_folder(output / "expert", overwrite=True) as folder:
+        model.save_pretrained(folder)
+        tokenizer.save_pretrained(folder)
+    return {"measure": record, "calls": calls}
