@@ -1,0 +1,201 @@
+"""Compressed formats for a pruned base weight (layouts: docs/formats.md, version 1).
+
+- "2:4": kept values (m, n/2) plus 2-bit positions packed eight groups to an int32.
+- "bitmap": per 16 x 64 tile a bitmask, the tile's nonzero values packed in row-major order,
+  and each tile's offset into the value array; any sparsity.
+- "masked": the dense weight with zeros (no compression; the reference layout).
+
+`pack(weight, keep_mask, format)` -> PackedWeight; `PackedWeight.unpack()` returns the dense
+weight bit-exactly (zeros where pruned).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+
+FORMAT_VERSION = 1
+FORMATS = ("2:4", "bitmap", "masked")
+TILE_ROWS, TILE_COLS = 16, 64  # bitmap tile
+GROUPS_PER_WORD = 8  # 2:4 metadata: eight 4-column groups (4 bits each) per int32
+
+
+@dataclass
+class PackedWeight:
+    """A compressed (m, n) weight. `tensors` holds the format's arrays (see docs/formats.md)."""
+
+    format: str
+    shape: tuple[int, int]
+    dtype: torch.dtype
+    tensors: dict[str, torch.Tensor]
+    version: int = FORMAT_VERSION
+    cache: dict = field(default_factory=dict, repr=False, compare=False)
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes of the compressed representation."""
+        return sum(t.numel() * t.element_size() for t in self.tensors.values())
+
+    @property
+    def dense_nbytes(self) -> int:
+        return self.shape[0] * self.shape[1] * torch.empty((), dtype=self.dtype).element_size()
+
+    @property
+    def byte_ratio(self) -> float:
+        """Compressed bytes / dense bytes."""
+        return self.nbytes / self.dense_nbytes
+
+    @property
+    def device(self) -> torch.device:
+        return next(iter(self.tensors.values())).device
+
+    def to(self, device) -> "PackedWeight":
+        return PackedWeight(self.format, self.shape, self.dtype, {k: v.to(device) for k, v in self.tensors.items()},
+                            self.version)
+
+    def unpack(self) -> torch.Tensor:
+        """The dense (m, n) weight, zeros where pruned."""
+        return UNPACK[self.format](self)
+
+    def keep_mask(self) -> torch.Tensor:
+        """The stored positions (bool (m, n)); for 2:4 these are always two per group."""
+        if self.format == "2:4":
+            return _positions_24(self.tensors["meta"], *self.shape)
+        if self.format == "bitmap":
+            return _bits(self.tensors["bitmap"], *self.shape)
+        return self.tensors["weight"] != 0
+
+
+def _check(weight: torch.Tensor, keep_mask: torch.Tensor) -> None:
+    if weight.dim() != 2:
+        raise ValueError(f"weight must be 2-D, got shape {tuple(weight.shape)}")
+    if keep_mask.shape != weight.shape:
+        raise ValueError(f"keep_mask shape {tuple(keep_mask.shape)} does not match weight {tuple(weight.shape)}")
+    if keep_mask.dtype != torch.bool:
+        raise ValueError(f"keep_mask must be bool, got {keep_mask.dtype}")
+
+
+def pack(weight: torch.Tensor, keep_mask: torch.Tensor | None = None, format: str = "bitmap") -> PackedWeight:
+    """Compress `weight` keeping the positions in `keep_mask` (default: its nonzeros).
+
+    Values outside the mask are dropped (stored as zeros). Raises ValueError for a shape
+    mismatch or, for 2:4, a mask with more than two kept values in a group of four.
+    """
+    if keep_mask is None:
+        keep_mask = weight != 0
+    _check(weight, keep_mask)
+    if format not in FORMATS:
+        raise ValueError(f"format {format!r}: expected one of {FORMATS}")
+    weight = weight.detach()
+    return PACK[format](weight, keep_mask)
+
+
+# ---- masked ---------------------------------------------------------------------------
+
+def _pack_masked(weight, keep):
+    return PackedWeight("masked", tuple(weight.shape), weight.dtype, {"weight": weight * keep})
+
+
+def _unpack_masked(p):
+    return p.tensors["weight"].clone()
+
+
+# ---- 2:4 ------------------------------------------------------------------------------
+
+def _pack_24(weight, keep):
+    m, n = weight.shape
+    if n % 4:
+        raise ValueError(f"2:4 needs in_features divisible by 4, got {n}")
+    groups = keep.reshape(m, n // 4, 4)
+    counts = groups.sum(-1)
+    if (counts > 2).any():
+        row, group = (counts > 2).nonzero()[0].tolist()
+        raise ValueError(f"the weight is not 2:4 sparse: row {row}, columns {4 * group}..{4 * group + 3} keep "
+                         f"{int(counts[row, group])} of 4")
+    # positions of the kept entries first (in column order), then fillers from the pruned ones
+    lane = torch.arange(4, device=weight.device).expand(m, n // 4, 4)
+    order = torch.sort(torch.where(groups, lane, lane + 4), dim=-1).values[..., :2] % 4  # (m, g, 2)
+    order = torch.sort(order, dim=-1).values
+    vals = (weight * keep).reshape(m, n // 4, 4).gather(-1, order).reshape(m, n // 2)
+    nibble = (order[..., 0] | (order[..., 1] << 2)).to(torch.int64)  # (m, g)
+    words = -(-(n // 4) // GROUPS_PER_WORD)
+    padded = torch.zeros(m, words * GROUPS_PER_WORD, dtype=torch.int64, device=weight.device)
+    padded[:, : n // 4] = nibble
+    shifts = (torch.arange(GROUPS_PER_WORD, device=weight.device) * 4).to(torch.int64)
+    meta = (padded.reshape(m, words, GROUPS_PER_WORD) << shifts).sum(-1)
+    meta = torch.where(meta >= 2**31, meta - 2**32, meta).to(torch.int32)
+    return PackedWeight("2:4", (m, n), weight.dtype, {"values": vals.contiguous(), "meta": meta.contiguous()})
+
+
+def _nibbles(meta, m, n):
+    words = meta.to(torch.int64) & 0xFFFFFFFF
+    shifts = (torch.arange(GROUPS_PER_WORD, device=meta.device) * 4).to(torch.int64)
+    return ((words[..., None] >> shifts) & 0xF).reshape(m, -1)[:, : n // 4]
+
+
+def _positions_24(meta, m, n):
+    nib = _nibbles(meta, m, n)
+    keep = torch.zeros(m, n // 4, 4, dtype=torch.bool, device=meta.device)
+    keep.scatter_(-1, (nib & 3)[..., None], True)
+    keep.scatter_(-1, (nib >> 2)[..., None], True)
+    return keep.reshape(m, n)
+
+
+def _unpack_24(p):
+    m, n = p.shape
+    nib = _nibbles(p.tensors["meta"], m, n)
+    order = torch.stack([nib & 3, nib >> 2], dim=-1)
+    dense = torch.zeros(m, n // 4, 4, dtype=p.dtype, device=p.device)
+    dense.scatter_(-1, order, p.tensors["values"].reshape(m, n // 4, 2))
+    return dense.reshape(m, n)
+
+
+# ---- bitmap ---------------------------------------------------------------------------
+
+def _tiles(m, n):
+    return -(-m // TILE_ROWS), -(-n // TILE_COLS)
+
+
+def _pack_bitmap(weight, keep):
+    m, n = weight.shape
+    tr, tc = _tiles(m, n)
+    mp, np_ = tr * TILE_ROWS, tc * TILE_COLS
+    keep_p = torch.zeros(mp, np_, dtype=torch.bool, device=weight.device)
+    keep_p[:m, :n] = keep
+    vals_p = torch.zeros(mp, np_, dtype=weight.dtype, device=weight.device)
+    vals_p[:m, :n] = weight
+    # tile-major order: (tile row, tile col, row in tile, col in tile)
+    tiled_keep = keep_p.reshape(tr, TILE_ROWS, tc, TILE_COLS).permute(0, 2, 1, 3).reshape(tr * tc, -1)
+    tiled_vals = vals_p.reshape(tr, TILE_ROWS, tc, TILE_COLS).permute(0, 2, 1, 3).reshape(tr * tc, -1)
+    values = tiled_vals[tiled_keep]
+    counts = tiled_keep.sum(1)
+    offsets = torch.zeros(tr * tc + 1, dtype=torch.int64, device=weight.device)
+    offsets[1:] = counts.cumsum(0)
+    if offsets[-1] >= 2**31:
+        raise ValueError("bitmap format v1 holds at most 2^31 - 1 nonzeros per weight")
+    bits = keep_p.reshape(mp, np_ // 32, 32).to(torch.int64) << torch.arange(32, device=weight.device)
+    words = bits.sum(-1)
+    words = torch.where(words >= 2**31, words - 2**32, words).to(torch.int32)
+    return PackedWeight("bitmap", (m, n), weight.dtype, {"values": values.contiguous(), "bitmap": words.contiguous(),
+                                                          "offsets": offsets.to(torch.int32)})
+
+
+def _bits(bitmap, m, n):
+    words = bitmap.to(torch.int64) & 0xFFFFFFFF
+    bits = (words[..., None] >> torch.arange(32, device=bitmap.device)) & 1
+    return bits.reshape(bitmap.shape[0], -1)[:m, :n].bool()
+
+
+def _unpack_bitmap(p):
+    m, n = p.shape
+    tr, tc = _tiles(m, n)
+    keep_p = _bits(p.tensors["bitmap"], tr * TILE_ROWS, tc * TILE_COLS)
+    tiled_keep = keep_p.reshape(tr, TILE_ROWS, tc, TILE_COLS).permute(0, 2, 1, 3).reshape(tr * tc, -1)
+    tiled = torch.zeros(tiled_keep.shape, dtype=p.dtype, device=p.device)
+    tiled[tiled_keep] = p.tensors["values"]
+    dense = tiled.reshape(tr, tc, TILE_ROWS, TILE_COLS).permute(0, 2, 1, 3).reshape(tr * TILE_ROWS, tc * TILE_COLS)
+    return dense[:m, :n].contiguous()
+
+
+PACK = {"2:4": _pack_24, "bitmap": _pack_bitmap, "masked": _pack_masked}
+UNPACK = {"2:4": _unpack_24, "bitmap": _unpack_bitmap, "masked": _unpack_masked}
