@@ -1,0 +1,69 @@
+"""Saving and loading models built of SparseLoRALinear layers: one safetensors file (packed
+tensors, adapters and the rest of the model), the transformers config, and `efx_sparse.json`
+naming each packed module's format and settings. Writes are atomic."""
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import torch
+
+from efx.arch import unwrap
+from efx.io import atomic_folder
+from efx.sparse_linear import BUFFER_PREFIX, SparseLoRALinear, _parent
+from efx_kernels.formats import FORMAT_VERSION, PackedWeight
+
+WEIGHTS = "model.safetensors"
+MANIFEST = "efx_sparse.json"
+
+
+def save_sparse(model, folder: str | os.PathLike, tokenizer=None, *, overwrite: bool = False) -> Path:
+    """Write the packed checkpoint of `model` into `folder` (never half-written)."""
+    from safetensors.torch import save_model
+
+    inner = unwrap(model)
+    modules = {name: m.config() for name, m in inner.named_modules() if isinstance(m, SparseLoRALinear)}
+    if not modules:
+        raise ValueError("the model holds no SparseLoRALinear layer: call efx.to_sparse_lora first")
+    folder = Path(folder)
+    with atomic_folder(folder, overwrite=overwrite) as tmp:
+        inner.config.save_pretrained(tmp)
+        if tokenizer is not None:
+            tokenizer.save_pretrained(tmp)
+        save_model(inner, str(tmp / WEIGHTS), metadata={"format": "pt", "efx_format_version": str(FORMAT_VERSION)})
+        (tmp / MANIFEST).write_text(json.dumps({"format_version": FORMAT_VERSION, "modules": modules}, indent=1))
+    return folder
+
+
+def load_sparse(folder: str | os.PathLike, *, device: str | torch.device = "cpu"):
+    """Rebuild a model saved by `save_sparse`; returns (model, tokenizer or None)."""
+    from safetensors import safe_open
+    from safetensors.torch import load_model
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+    folder = Path(folder)
+    manifest_path = folder / MANIFEST
+    if not manifest_path.is_file():
+        raise FileNotFoundError(f"{folder} is not an efx packed checkpoint (no {MANIFEST})")
+    manifest = json.loads(manifest_path.read_text())
+    if manifest.get("format_version", 0) > FORMAT_VERSION:
+        raise ValueError(f"{folder} uses packed format v{manifest['format_version']}; this efx reads up to "
+                         f"v{FORMAT_VERSION}")
+    config = AutoConfig.from_pretrained(folder)
+    model = AutoModelForCausalLM.from_config(config)
+    with safe_open(str(folder / WEIGHTS), framework="pt") as handle:
+        keys = set(handle.keys())
+        for name, cfg in manifest["modules"].items():
+            prefix = f"{name}.{BUFFER_PREFIX}"
+            tensors = {k[len(prefix):]: handle.get_tensor(k) for k in keys if k.startswith(prefix)}
+            packed = PackedWeight(cfg["format"], tuple(cfg["shape"]), getattr(torch, cfg["dtype"]), tensors,
+                                  cfg["version"])
+            bias = handle.get_tensor(f"{name}.bias") if cfg["bias"] else None
+            module = SparseLoRALinear(packed, bias, r=cfg["r"], scale=cfg["scale"], dropout=cfg["dropout"])
+            parent, child = _parent(model, name)
+            setattr(parent, child, module)
+    load_model(model, str(folder / WEIGHTS), strict=True)
+    model.to(device).eval()
+    tokenizer = AutoTokenizer.from_pretrained(folder) if (folder / "tokenizer_config.json").is_file() else None
+    return model, tokenizer

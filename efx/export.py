@@ -1,0 +1,31 @@
+"""`efx export`: a saved expert as a dense-with-zeros Hugging Face folder and as a packed
+SparseLoRALinear checkpoint."""
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+from efx.checkpoint import save_sparse
+from efx.io import atomic_folder
+from efx.models import load_model
+from efx.report import sparsity_audit
+from efx.sparse_linear import to_sparse_lora
+
+log = logging.getLogger(__name__)
+
+
+def export(model_path: str, output: str, *, fmt: str = "bitmap", overwrite: bool = False) -> dict:
+    """Write `<output>/hf` (loads with AutoModelForCausalLM, zeros kept) and `<output>/packed`
+    (loads with efx.checkpoint.load_sparse). The zeros already in the weights define the masks."""
+    output = Path(output)
+    if output.exists() and any(output.iterdir()) and not overwrite:
+        raise FileExistsError(f"{output} exists and is not empty; pass --overwrite to replace it")
+    model, tokenizer = load_model(model_path)
+    audit = sparsity_audit(model)
+    with atomic_folder(output, overwrite=True) as tmp:
+        model.save_pretrained(tmp / "hf")
+        tokenizer.save_pretrained(tmp / "hf")
+        to_sparse_lora(model, format=fmt, rank=0)
+        save_sparse(model, tmp / "packed", tokenizer)
+    log.info("exported %s (sparsity %.4f) to %s", model_path, audit["overall"], output)
+    return audit
