@@ -20,7 +20,7 @@ from efx.io import atomic_write_text
 
 log = logging.getLogger(__name__)
 
-SUITE_VERSION = 1
+SUITE_VERSION = 2
 BUILTIN = ("medical", "legal")
 N_CHOICES = 4
 
@@ -183,6 +183,12 @@ def build_legal(seed: int = 0, n_test: int = 400, n_val: int = 100, n_train_per_
 
 
 def _finish(name, seed, train, splits, n_test, n_val, rng, task_names, ppl_texts, system, source) -> Suite:
+    # distinct source items can share a text (duplicate licenses, repeated notices): an
+    # evaluation item whose prompt also occurs in training is dropped
+    seen = {it["prompt"] for t in task_names for it in splits["train"][t]}
+    for split in ("val", "test"):
+        for t in task_names:
+            splits[split][t] = [it for it in splits[split][t] if it["prompt"] not in seen]
     tasks = {t: _sample(splits["test"][t], n_test, rng) for t in task_names}
     val = {t: _sample(splits["val"][t], n_val, rng) for t in task_names}
     info = {"source": source, "seed": seed, "version": SUITE_VERSION, "n_train": len(train),

@@ -4,6 +4,7 @@ from __future__ import annotations
 import importlib.util
 import logging
 import os
+import re
 from pathlib import Path
 
 import torch
@@ -65,7 +66,7 @@ def load_model(name_or_path: str | os.PathLike | None = None, *, dtype: torch.dt
             if not (path / "config.json").is_file():
                 raise ModelLoadError(f"{path} is not a Hugging Face model folder (no config.json)")
             source = str(path)
-        elif os.sep in str(name_or_path) or str(name_or_path).startswith("."):
+        elif not re.fullmatch(r"[\w.-]+(/[\w.-]+)?", str(name_or_path)) or str(name_or_path).startswith("."):
             raise ModelLoadError(f"no model folder at {path}")
         else:
             source, kwargs["local_files_only"] = str(name_or_path), True
