@@ -10,7 +10,8 @@ import torch
 from efx.callback import EfficientXpertCallback
 from efx.measure import measure
 from efx.prompts import encode_pair
-from efx.prune import PruneConfig, prune
+from efx.prune import PruneConfig
+from efx.prune import prune as prune_model
 from efx.training import LoraSettings, TrainSettings, train_lora, training_subset
 
 log = logging.getLogger(__name__)
@@ -71,11 +72,11 @@ def prune_and_adapt(model, tokenizer, train_data: list[dict], *, prune: PruneCon
         final = replace(config, pbs=False, use_memory=False)
         if pipeline == "prune-lora-reprune":
             with measure(record, "prune_base"):
-                calls.append(prune(model, calib, final).to_dict())
+                calls.append(prune_model(model, calib, final).to_dict())
         with measure(record, "train"):
             model, stats = train_lora(model, tokenizer, train_data, lora=lora, training=training, system=system)
         with measure(record, "prune_merged"):
-            calls.append(prune(model, calib, final).to_dict())
+            calls.append(prune_model(model, calib, final).to_dict())
     model = unload(model)
     report = {"pipeline": pipeline, "measure": record, "train": {k: v for k, v in stats.items() if k != "log_history"},
               "loss_history": [e for e in stats["log_history"] if "loss" in e], "calls": calls}

@@ -1,0 +1,77 @@
+"""Pruning inside training: the epoch schedule ends merged and exactly sparse, the saved model
+keeps its zeros, and two data-parallel ranks end with identical masks and weights."""
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from conftest import char_tokenizer, tiny_model
+from efx.arch import architecture_map, base_linear
+from efx.callback import EfficientXpertCallback
+from efx.pipelines import calibration_batches, prune_and_adapt, unload
+from efx.prune import PruneConfig
+from efx.training import TrainSettings, train_lora
+
+EXAMPLES = [{"prompt": f"say {w}", "completion": w} for w in ("alpha", "beta", "gamma", "delta")] * 4
+
+
+def target_sparsity(model):
+    weights = [base_linear(m).weight for b in architecture_map(model).blocks for m in b.targets.values()]
+    return sum(int((w == 0).sum()) for w in weights) / sum(w.numel() for w in weights)
+
+
+@pytest.mark.parametrize("pattern, expected", [("unstructured", 0.5), ("2:4", 0.5)])
+def test_epoch_schedule_ends_merged_and_exactly_sparse(tmp_path, pattern, expected):
+    from transformers import AutoModelForCausalLM
+    tok = char_tokenizer()
+    model = tiny_model("llama", vocab_size=256)
+    callback = EfficientXpertCallback(calibration_batches(tok, EXAMPLES, n=8),
+                                      PruneConfig(sparsity=0.5, pattern=pattern))
+    settings = TrainSettings(epochs=3, n_examples=0, batch_size=8, learning_rate=1e-2)
+    model, _ = train_lora(model, tok, EXAMPLES, training=settings, callbacks=[callback])
+    assert [c["when"] for c in callback.reports] == ["epoch 2 start", "epoch 3 start", "train end"]
+    assert callback.reports[-1]["config"]["pbs"] is False and callback.reports[-1]["config"]["use_memory"] is False
+    assert callback.reports[1]["mask_overlap"] is not None
+    merged = unload(model)
+    assert target_sparsity(merged) == pytest.approx(expected, abs=1e-9)
+    merged.save_pretrained(tmp_path)
+    reloaded = AutoModelForCausalLM.from_pretrained(tmp_path)
+    assert target_sparsity(reloaded) == pytest.approx(expected, abs=1e-9)
+
+
+def test_step_schedule_and_prune_and_adapt_pipelines():
+    tok = char_tokenizer()
+    settings = TrainSettings(epochs=2, n_examples=0, batch_size=4, learning_rate=1e-2)
+    model, report = prune_and_adapt(tiny_model("llama", vocab_size=256), tok, EXAMPLES,
+                                    prune=PruneConfig(sparsity=0.4), training=settings,
+                                    callback_kwargs={"schedule": "steps", "every_steps": 3})
+    assert [c["when"] for c in report["calls"]][:2] == ["step 3", "step 6"]
+    weights = [base_linear(m).weight for b in architecture_map(model).blocks for m in b.targets.values()]
+    exact = sum(w.shape[0] * (w.shape[1] * 2 // 5) for w in weights) / sum(w.numel() for w in weights)
+    assert target_sparsity(model) == pytest.approx(exact, abs=1e-9)  # floor(n * 0.4) per row
+    for pipeline in ("lora-prune", "prune-lora-reprune"):
+        model, report = prune_and_adapt(tiny_model("llama", vocab_size=256), tok, EXAMPLES, pipeline=pipeline,
+                                        prune=PruneConfig(method="wanda", sparsity=0.5), training=settings)
+        assert target_sparsity(model) == pytest.approx(0.5, abs=1e-9)
+        assert len(report["calls"]) == (1 if pipeline == "lora-prune" else 2)
+
+
+def test_bad_schedule():
+    with pytest.raises(ValueError, match="every_steps"):
+        EfficientXpertCallback([], schedule="steps")
+
+
+@pytest.mark.ddp
+def test_two_process_ddp_gives_identical_masks(tmp_path):
+    env = dict(os.environ, OMP_NUM_THREADS="1", EFX_KERNELS="torch")
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_port=29517",
+           os.path.join(os.path.dirname(__file__), "ddp_worker.py"), str(tmp_path)]
+    done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    ranks = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1)]
+    assert all(r["world"] == 2 and r["calls"] == 3 for r in ranks)
+    assert ranks[0]["zeros"] > 0
+    assert ranks[0]["digest"] == ranks[1]["digest"]
