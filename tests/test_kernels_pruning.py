@@ -3,6 +3,8 @@
 Tolerances: fp32 inputs 1e-5 relative; fp16/bf16 inputs are upcast to fp32 inside the
 kernels, so the same fp32 tolerance applies to the upcast reference.
 """
+import os
+
 import pytest
 import torch
 
@@ -10,6 +12,8 @@ from efx_kernels import reference
 from efx_kernels.dispatch import triton_available
 
 pytestmark = pytest.mark.skipif(not triton_available(), reason="Triton is not installed")
+# benchmarks/gpu_check.sh sets EFX_TEST_DEVICE=cuda to run the same tests compiled for a GPU
+DEVICE = os.environ.get("EFX_TEST_DEVICE", "cpu")
 
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
 
@@ -17,11 +21,12 @@ DTYPES = [torch.float32, torch.float16, torch.bfloat16]
 @pytest.fixture(autouse=True)
 def force_triton(monkeypatch):
     monkeypatch.setenv("EFX_KERNELS", "triton")
-    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    if DEVICE == "cpu":
+        monkeypatch.setenv("TRITON_INTERPRET", "1")
 
 
 def rand(*shape, seed=0, dtype=torch.float32):
-    return torch.randn(*shape, generator=torch.Generator().manual_seed(seed)).to(dtype)
+    return torch.randn(*shape, generator=torch.Generator().manual_seed(seed)).to(DEVICE, dtype)
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
@@ -32,8 +37,8 @@ def test_act_sq(dtype, shape, masked):
     x = rand(*shape, dtype=dtype)
     mask = None
     if masked:
-        mask = torch.rand(shape[:-1], generator=torch.Generator().manual_seed(1)) > 0.3
-    got, want = torch.full((shape[-1],), 0.5), torch.full((shape[-1],), 0.5)
+        mask = (torch.rand(shape[:-1], generator=torch.Generator().manual_seed(1)) > 0.3).to(DEVICE)
+    got, want = torch.full((shape[-1],), 0.5, device=DEVICE), torch.full((shape[-1],), 0.5, device=DEVICE)
     n_got = efx_kernels.accumulate_act_sq(x, got, mask)
     n_want = reference.accumulate_act_sq(x, want, mask)
     assert n_got == n_want
@@ -43,9 +48,9 @@ def test_act_sq(dtype, shape, masked):
 def test_act_sq_all_padding():
     import efx_kernels
     x = rand(2, 5, 16)
-    acc = torch.zeros(16)
-    assert efx_kernels.accumulate_act_sq(x, acc, torch.zeros(2, 5, dtype=torch.bool)) == 0
-    assert torch.equal(acc, torch.zeros(16))
+    acc = torch.zeros(16, device=DEVICE)
+    assert efx_kernels.accumulate_act_sq(x, acc, torch.zeros(2, 5, dtype=torch.bool, device=DEVICE)) == 0
+    assert not acc.any()
 
 
 def score_case(m, n, r, dtype, seed=0):
@@ -100,9 +105,9 @@ def test_fused_nm_keep_mask(pattern, dtype, r):
 
 def test_the_fixture_really_selects_triton(monkeypatch):
     from efx_kernels.dispatch import use_triton
-    assert use_triton(torch.zeros(2))
+    assert use_triton(torch.zeros(2, device=DEVICE))
     monkeypatch.setenv("EFX_KERNELS", "torch")
-    assert not use_triton(torch.zeros(2))
+    assert not use_triton(torch.zeros(2, device=DEVICE))
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
@@ -111,7 +116,7 @@ def test_the_fixture_really_selects_triton(monkeypatch):
 def test_pbs_kernels(dtype, m, n, r, keep_weight):
     import efx_kernels
     W, A, B, stat = score_case(m, n, r, dtype)
-    keep = torch.rand(m, n, generator=torch.Generator().manual_seed(3)) > 0.5
+    keep = (torch.rand(m, n, generator=torch.Generator().manual_seed(3)) > 0.5).to(DEVICE)
     keep[0] = True
     if m > 1:
         keep[1] = False

@@ -1,6 +1,8 @@
 """The fused sparse + LoRA matmul against the torch reference, forward and gradients, under
 TRITON_INTERPRET=1. fp16 and fp32 (bf16 tl.dot is not trustworthy in the interpreter; it is
 checked on a GPU). Tolerances: fp32 1e-4, fp16 1e-2 relative to output scale."""
+import os
+
 import pytest
 import torch
 
@@ -9,13 +11,19 @@ from efx_kernels.dispatch import triton_available
 from efx_kernels.reference import sparse_lora_linear as reference
 
 pytestmark = pytest.mark.skipif(not triton_available(), reason="Triton is not installed")
-TOL = {torch.float32: dict(rtol=1e-4, atol=1e-4), torch.float16: dict(rtol=1e-2, atol=2e-2)}
+# benchmarks/gpu_check.sh sets EFX_TEST_DEVICE=cuda to run the same tests compiled for a GPU
+DEVICE = os.environ.get("EFX_TEST_DEVICE", "cpu")
+TOL = {torch.float32: dict(rtol=1e-4, atol=1e-4), torch.float16: dict(rtol=1e-2, atol=2e-2),
+       torch.bfloat16: dict(rtol=4e-2, atol=8e-2)}
+# bf16 tl.dot is not trustworthy under the interpreter: bf16 runs on GPUs only
+DTYPES = [torch.float32, torch.float16] + ([torch.bfloat16] if DEVICE != "cpu" else [])
 
 
 @pytest.fixture(autouse=True)
 def force_triton(monkeypatch):
     monkeypatch.setenv("EFX_KERNELS", "triton")
-    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    if DEVICE == "cpu":
+        monkeypatch.setenv("TRITON_INTERPRET", "1")
 
 
 def weight_and_mask(fmt, m, n, seed):
@@ -34,18 +42,19 @@ def weight_and_mask(fmt, m, n, seed):
 
 
 @pytest.mark.parametrize("fmt", ["bitmap", "2:4", "masked"])
-@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+@pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("tokens, m, n, r", [(1, 20, 68, 1), (5, 33, 136, 8), (17, 48, 64, 16), (3, 16, 200, 0)])
 def test_forward_and_gradients(fmt, dtype, tokens, m, n, r):
     w, keep = weight_and_mask(fmt, m, n, seed=tokens + m)
+    w, keep = w.to(DEVICE), keep.to(DEVICE)
     packed = pack(w.to(dtype), keep, fmt)
     gen = torch.Generator().manual_seed(1)
-    x = torch.randn(tokens, n, generator=gen).to(dtype).requires_grad_()
-    A = (torch.randn(r, n, generator=gen) * 0.2).to(dtype).requires_grad_() if r else None
-    B = (torch.randn(m, r, generator=gen) * 0.2).to(dtype).requires_grad_() if r else None
-    bias = torch.randn(m, generator=gen).to(dtype).requires_grad_()
+    x = torch.randn(tokens, n, generator=gen).to(DEVICE, dtype).requires_grad_()
+    A = (torch.randn(r, n, generator=gen) * 0.2).to(DEVICE, dtype).requires_grad_() if r else None
+    B = (torch.randn(m, r, generator=gen) * 0.2).to(DEVICE, dtype).requires_grad_() if r else None
+    bias = torch.randn(m, generator=gen).to(DEVICE, dtype).requires_grad_()
     y = sparse_lora_linear(x, packed, A, B, 1.5, bias)
-    dy = torch.randn(y.shape, generator=gen).to(dtype)
+    dy = torch.randn(y.shape, generator=gen).to(DEVICE, dtype)
     y.backward(dy)
     got = [t.grad.clone() for t in (x, A, B, bias) if t is not None]
 
@@ -63,19 +72,21 @@ def test_forward_and_gradients(fmt, dtype, tokens, m, n, r):
 
 def test_dropout_input_gets_its_own_gradient():
     w, keep = weight_and_mask("bitmap", 20, 64, 0)
+    w, keep = w.to(DEVICE), keep.to(DEVICE)
     packed = pack(w, keep, "bitmap")
-    x = torch.randn(4, 64, requires_grad=True)
-    A, B = torch.randn(8, 64) * 0.1, torch.randn(20, 8) * 0.1
+    x = torch.randn(4, 64, device=DEVICE, requires_grad=True)
+    A, B = torch.randn(8, 64, device=DEVICE) * 0.1, torch.randn(20, 8, device=DEVICE) * 0.1
     lora_in = x * 2.0
     sparse_lora_linear(x, packed, A, B, 1.0, None, lora_input=lora_in).sum().backward()
-    want = torch.ones(4, 20) @ w + 2.0 * (torch.ones(4, 20) @ B) @ A
+    ones = torch.ones(4, 20, device=DEVICE)
+    want = ones @ w + 2.0 * (ones @ B) @ A
     torch.testing.assert_close(x.grad, want, rtol=1e-4, atol=1e-4)
 
 
 def test_leading_dims_and_shape_errors():
     w, keep = weight_and_mask("bitmap", 16, 64, 0)
-    packed = pack(w, keep, "bitmap")
-    x = torch.randn(2, 3, 64)
+    packed = pack(w.to(DEVICE), keep.to(DEVICE), "bitmap")
+    x = torch.randn(2, 3, 64, device=DEVICE)
     assert sparse_lora_linear(x, packed, None, None, 1.0).shape == (2, 3, 16)
     with pytest.raises(ValueError, match="features"):
-        sparse_lora_linear(torch.randn(2, 63), packed, None, None, 1.0)
+        sparse_lora_linear(torch.randn(2, 63, device=DEVICE), packed, None, None, 1.0)

@@ -5,8 +5,10 @@ import torch
 from efx.pbs import hessian_pbs, partial_brain_surgeon
 
 
-def per_row_reference(W, A, B, keep, g, scale, keep_weight, ridge, max_pruned=None):
-    W, A, B, g = W.double(), A.double(), B.double(), g.double()
+def per_row_reference(W, A, B, keep, g, scale, keep_weight, ridge, max_pruned=None, dtype=torch.float64):
+    """The authors' formulation: a Python loop over rows with one r x r solve each (also the
+    baseline of benchmarks/pbs_speed.py, run there in fp32)."""
+    W, A, B, g = W.to(dtype), A.to(dtype), B.to(dtype), g.to(dtype)
     U = W + scale * B @ A
     out = B.clone()
     r = A.shape[0]
@@ -21,7 +23,7 @@ def per_row_reference(W, A, B, keep, g, scale, keep_weight, ridge, max_pruned=No
         weights = torch.where(in_s, g, keep_weight * g)
         gram = (A * weights) @ A.T
         rhs = -scale * (A[:, in_s] * (g[in_s] * U[i, in_s])).sum(1)
-        out[i] += torch.linalg.solve(scale**2 * gram + ridge * torch.eye(r, dtype=torch.float64), rhs)
+        out[i] += torch.linalg.solve(scale**2 * gram + ridge * torch.eye(r, dtype=dtype), rhs)
     return out
 
 
