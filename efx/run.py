@@ -23,12 +23,17 @@ from efx.measure import measure
 from efx.models import load_model
 from efx.pipelines import calibration_batches, prune_and_adapt, unload
 from efx.prune import METHODS, PruneConfig
+from efx.checkpoint import save_sparse
 from efx.report import sparsity_audit, versions, write_report
+from efx.sparse_linear import SparseLoRALinear, to_sparse_lora
 from efx.training import LoraSettings, TrainSettings, train_lora
 
 log = logging.getLogger(__name__)
 
 RUN_METHODS = METHODS + ("dense",)
+# Choices differ in length (term names, license names): length-normalized log-likelihood is the
+# headline score; raw accuracy is reported beside it.
+HEADLINE_METRIC = "accuracy_norm"
 
 
 @dataclass
@@ -61,12 +66,13 @@ class RunSettings:
     """LoRA alpha."""
     epochs: int = 3
     """Training epochs (EfficientXpert prunes at the start of epochs 2..E and at the end)."""
-    n_examples: int = 240
+    n_examples: int = 160
     """Training examples per epoch, drawn from the suite's training pool."""
     batch_size: int = 8
     """Training batch size."""
-    learning_rate: float = 2e-4
-    """Peak learning rate."""
+    learning_rate: float = 1e-3
+    """Peak learning rate. The CPU budget (60 steps) uses 1e-3: at the paper's 2e-4 the adapter
+    barely moves in so few steps (legal license_category, validation: 0.40 at 2e-4, 0.62 at 1e-3)."""
     calib: int = 32
     """Calibration sequences (domain training text)."""
     eval_items: int | None = None
@@ -79,7 +85,7 @@ class RunSettings:
     @classmethod
     def quick(cls, **overrides) -> "RunSettings":
         """A budget that finishes in about 3 minutes on a 2-core CPU."""
-        return cls(**{"epochs": 2, "n_examples": 64, "calib": 16, "eval_items": 100, **overrides})
+        return cls(**{"epochs": 2, "n_examples": 32, "calib": 16, "eval_items": 50, **overrides})
 
     def validate(self) -> None:
         if self.method not in RUN_METHODS:
@@ -108,7 +114,7 @@ class RunSettings:
 
     def training(self) -> TrainSettings:
         return TrainSettings(epochs=self.epochs, n_examples=self.n_examples, batch_size=self.batch_size,
-                             learning_rate=self.learning_rate, seed=self.seed)
+                             learning_rate=self.learning_rate, max_length=128, seed=self.seed)
 
 
 def load_settings(path: str | Path) -> dict:
@@ -212,9 +218,10 @@ def run(settings: RunSettings, output: str | Path, *, overwrite: bool = False, r
     report = {
         "settings": asdict(settings), "versions": versions(), "suite_info": suite.info,
         "base_eval": base_eval, "dense_eval": dense["eval"], "expert_eval": expert_eval,
-        "retention": retention(expert_eval, dense["eval"]),
-        "retention_norm": retention(expert_eval, dense["eval"], metric="accuracy_norm"),
+        "retention": retention(expert_eval, dense["eval"], metric=HEADLINE_METRIC),
+        "retention_raw": retention(expert_eval, dense["eval"], metric="accuracy"),
         "sparsity": sparsity_audit(expert), "prune_calls": expert_stage.get("calls", []),
+        "packed": expert_stage.get("packed"),
         "measure": record,
         "cost": {"time_ratio": expert_train["seconds"] / record["dense_train"]["seconds"],
                  "memory_ratio": expert_train["peak_rss_mb"] / record["dense_train"]["peak_rss_mb"]},
@@ -246,4 +253,9 @@ def _train_expert(model, tokenizer, suite, settings: RunSettings, output: Path) 
     with atomic_folder(output / "expert", overwrite=True) as folder:
         model.save_pretrained(folder)
         tokenizer.save_pretrained(folder)
-    return {"measure": record, "calls": calls}
+    fmt = "2:4" if settings.pattern == "2:4" else "bitmap"
+    packed = to_sparse_lora(model, format=fmt, rank=settings.lora_r, alpha=settings.lora_alpha)
+    save_sparse(packed, output / "expert_packed", tokenizer, overwrite=True)
+    sizes = [(m.packed.nbytes, m.packed.dense_nbytes) for m in packed.modules() if isinstance(m, SparseLoRALinear)]
+    return {"measure": record, "calls": calls,
+            "packed": {"format": fmt, "byte_ratio": sum(a for a, _ in sizes) / sum(b for _, b in sizes)}}

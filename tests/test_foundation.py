@@ -57,7 +57,7 @@ def test_builtin_suites_are_deterministic_disjoint_and_large_enough(tmp_path, mo
         suite = load_suite(name)
         again = load_suite(name, refresh=True)
         assert suite.tasks == again.tasks and suite.train == again.train
-        assert len(suite.tasks) >= 2 and all(len(items) >= 300 for items in suite.tasks.values())
+        assert len(suite.tasks) >= 2 and all(len(items) == 300 for items in suite.tasks.values())
         assert len(suite.ppl_texts) >= 50
         train_completions = {ex["completion"] for ex in suite.train}
         for task in answer_tasks:  # the answer is the source item itself: never seen in training

@@ -1,0 +1,181 @@
+"""Domain-retention benchmark: every method on the embedded model, same data, LoRA budget and
+seed, scored relative to dense LoRA (method.md section 7).
+
+    python benchmarks/domain_retention.py [--domains medical legal] [--sparsities 0.4 0.5 2:4]
+        [--methods ...] [--seeds 0] [--output benchmarks/results]
+
+Results accumulate in domain_retention.json (one entry per domain/method/sparsity/seed, each
+with its command, wall time and versions): a rerun skips what is there, so the benchmark can
+run in parts. domain_retention.md is regenerated from the JSON after every entry.
+"""
+from __future__ import annotations
+
+import argparse
+import copy
+import gc
+import json
+import logging
+import platform
+import sys
+import time
+from dataclasses import asdict, replace
+from pathlib import Path
+
+from efx.data import load_suite
+from efx.evaluate import evaluate, retention
+from efx.io import atomic_write_text
+from efx.measure import measure
+from efx.models import load_model
+from efx.pipelines import calibration_batches, prune_and_adapt, unload
+from efx.prune import PruneConfig, prune
+from efx.report import sparsity_audit, versions
+from efx.run import RunSettings
+from efx.training import train_lora
+
+log = logging.getLogger("domain_retention")
+
+# name -> (PruneConfig fields, pipeline)
+METHODS = {
+    "efficientxpert-efx": ({"method": "efficientxpert", "preset": "efx"}, "inside"),
+    "efficientxpert-paper": ({"method": "efficientxpert", "preset": "paper"}, "inside"),
+    "foresight": ({"method": "foresight", "preset": "efx"}, "inside"),
+    "wanda/lora-prune": ({"method": "wanda"}, "lora-prune"),
+    "wanda/prune-lora-reprune": ({"method": "wanda"}, "prune-lora-reprune"),
+    "sparsegpt/lora-prune": ({"method": "sparsegpt"}, "lora-prune"),
+    "sparsegpt/prune-lora-reprune": ({"method": "sparsegpt"}, "prune-lora-reprune"),
+    "magnitude/lora-prune": ({"method": "magnitude"}, "lora-prune"),
+}
+UNSTRUCTURED_ONLY = {"efficientxpert-paper"}
+
+
+def key(domain, method, sparsity, seed) -> str:
+    return f"{domain}|{method}|{sparsity}|{seed}"
+
+
+def prune_config(fields: dict, sparsity: str, seed: int) -> PruneConfig:
+    pattern = sparsity if ":" in sparsity else "unstructured"
+    return PruneConfig(**fields, sparsity=0.5 if pattern != "unstructured" else float(sparsity), pattern=pattern,
+                       seed=seed)
+
+
+def run_one(base, tokenizer, suite, settings: RunSettings, method: str, sparsity: str, dense_model=None) -> dict:
+    fields, pipeline = METHODS[method]
+    config = prune_config(fields, sparsity, settings.seed)
+    calib = calibration_batches(tokenizer, suite.train, n=settings.calib, seed=settings.seed, system=suite.system)
+    record: dict = {}
+    if pipeline == "lora-prune" and dense_model is not None:
+        # the dense LoRA model of this domain and seed, merged, then pruned: same budget by construction
+        model = copy.deepcopy(dense_model)
+        with measure(record, "prune"):
+            calls = [prune(model, calib, replace(config, pbs=False, use_memory=False)).to_dict()]
+        model = unload(model)
+    else:
+        with measure(record, "train"):
+            model, report = prune_and_adapt(copy.deepcopy(base), tokenizer, suite.train, prune=config,
+                                            lora=settings.lora(), training=settings.training(), pipeline=pipeline,
+                                            calib=calib, system=suite.system)
+        calls = report["calls"]
+    with measure(record, "eval"):
+        result = evaluate(model, tokenizer, suite, max_items=settings.eval_items)
+    audit = sparsity_audit(model)
+    return {"eval": result, "sparsity": audit["overall"], "measure": record,
+            "mask_overlap": [c.get("mask_overlap") for c in calls], "config": asdict(config), "pipeline": pipeline}
+
+
+def markdown(results: dict) -> str:
+    lines = ["# Domain retention on the embedded SmolLM2-135M-Instruct", "",
+             "Retention = mean over a domain's tasks of method accuracy / dense-LoRA accuracy, with perplexity "
+             "entering as dense_ppl / method_ppl (method.md section 7). Same data, LoRA budget and seed per row.", ""]
+    dense = {(r["domain"], r["seed"]): r for r in results.values() if r["method"] == "dense"}
+    for domain in sorted({r["domain"] for r in results.values()}):
+        rows = [r for r in results.values() if r["domain"] == domain and r["method"] != "dense"]
+        seeds = sorted({r["seed"] for r in rows} | {s for d, s in dense if d == domain})
+        for seed in seeds:
+            ref = dense.get((domain, seed))
+            if ref is None:
+                continue
+            tasks = list(ref["eval"]["tasks"])
+            lines += [f"## {domain}, seed {seed}", "",
+                      f"Dense LoRA: " + ", ".join(f"{t} {ref['eval']['tasks'][t]['accuracy']:.3f}" for t in tasks)
+                      + f", perplexity {ref['eval']['perplexity']['perplexity']:.2f}; base model: "
+                      + ", ".join(f"{t} {ref['base_eval']['tasks'][t]['accuracy']:.3f}" for t in tasks)
+                      + f", perplexity {ref['base_eval']['perplexity']['perplexity']:.2f}.", "",
+                      "| method | sparsity | " + " | ".join(tasks) + " | ppl | retention | measured sparsity |",
+                      "| --- | --- | " + " | ".join("---" for _ in tasks) + " | --- | --- | --- |"]
+            for r in sorted((r for r in rows if r["seed"] == seed), key=lambda r: (r["sparsity_setting"], r["method"])):
+                ret = retention(r["eval"], ref["eval"])
+                cells = " | ".join(f"{r['eval']['tasks'][t]['accuracy']:.3f}" for t in tasks)
+                lines.append(f"| {r['method']} | {r['sparsity_setting']} | {cells} | "
+                             f"{r['eval']['perplexity']['perplexity']:.2f} | **{ret['overall']:.3f}** | "
+                             f"{r['sparsity']:.4f} |")
+            lines.append("")
+    first = next(iter(results.values()), None)
+    if first:
+        lines += ["Settings: " + json.dumps(first["settings"]), "", "Versions: " + json.dumps(first["versions"]),
+                  "", "Machine: " + first["machine"], ""]
+    return "\n".join(lines)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--domains", nargs="+", default=["medical", "legal"])
+    parser.add_argument("--sparsities", nargs="+", default=["0.4", "0.5", "2:4"])
+    parser.add_argument("--methods", nargs="+", default=list(METHODS))
+    parser.add_argument("--seeds", nargs="+", type=int, default=[0])
+    parser.add_argument("--output", default="benchmarks/results")
+    args = parser.parse_args()
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
+    path = Path(args.output) / "domain_retention.json"
+    results = json.loads(path.read_text()) if path.is_file() else {}
+    command = " ".join(["python"] + sys.argv)
+    machine = f"{platform.machine()}, {platform.processor() or 'cpu'}, torch threads {__import__('torch').get_num_threads()}"
+
+    def save(entry_key, entry):
+        results[entry_key] = entry
+        atomic_write_text(path, json.dumps(results, indent=1))
+        atomic_write_text(path.with_suffix(".md"), markdown(results))
+
+    base, tokenizer = load_model()
+    for seed in args.seeds:
+        settings = RunSettings(seed=seed)
+        for domain in args.domains:
+            suite = load_suite(domain, seed=0)
+            dense_key = key(domain, "dense", "-", seed)
+            dense_model = None
+            needs_dense_model = any(METHODS[m][1] == "lora-prune" and key(domain, m, s, seed) not in results
+                                    for m in args.methods for s in args.sparsities)
+            if dense_key not in results or needs_dense_model:
+                started = time.perf_counter()
+                record: dict = {}
+                with measure(record, "train"):
+                    dense_model, stats = train_lora(copy.deepcopy(base), tokenizer, suite.train, lora=settings.lora(),
+                                                    training=settings.training(), system=suite.system)
+                if dense_key not in results:
+                    with measure(record, "eval"):
+                        dense_eval = evaluate(dense_model, tokenizer, suite, max_items=settings.eval_items)
+                    base_eval = evaluate(base, tokenizer, suite, max_items=settings.eval_items)
+                    save(dense_key, {"domain": domain, "method": "dense", "sparsity_setting": "-", "seed": seed,
+                                     "eval": dense_eval, "base_eval": base_eval, "measure": record,
+                                     "wall_seconds": time.perf_counter() - started, "settings": asdict(settings),
+                                     "versions": versions(), "machine": machine, "command": command})
+            for sparsity in args.sparsities:
+                for method in args.methods:
+                    if method in UNSTRUCTURED_ONLY and ":" in sparsity:
+                        continue
+                    entry_key = key(domain, method, sparsity, seed)
+                    if entry_key in results:
+                        continue
+                    started = time.perf_counter()
+                    log.info("running %s", entry_key)
+                    entry = run_one(base, tokenizer, suite, settings, method, sparsity, dense_model)
+                    entry.update({"domain": domain, "method": method, "sparsity_setting": sparsity, "seed": seed,
+                                  "wall_seconds": time.perf_counter() - started, "settings": asdict(settings),
+                                  "versions": versions(), "machine": machine, "command": command})
+                    save(entry_key, entry)
+                    gc.collect()
+            del dense_model
+            gc.collect()
+
+
+if __name__ == "__main__":
+    main()
