@@ -120,7 +120,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--domains", nargs="+", default=["medical", "legal"])
     parser.add_argument("--sparsities", nargs="+", default=["0.4", "0.5", "2:4"])
-    parser.add_argument("--methods", nargs="+", default=list(METHODS))
+    parser.add_argument("--methods", nargs="*", default=list(METHODS), help="none: only dense LoRA and the base model")
     parser.add_argument("--seeds", nargs="+", type=int, default=[0])
     parser.add_argument("--output", default="benchmarks/results")
     args = parser.parse_args()

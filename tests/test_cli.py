@@ -1,0 +1,74 @@
+"""`efx run` end to end on a tiny model and user data: outputs, refusal to overwrite, resume,
+bad options failing before any work, export and eval."""
+import json
+
+import pytest
+
+from conftest import char_tokenizer, tiny_model
+from efx.cli import main
+
+
+@pytest.fixture
+def tiny_setup(tmp_path):
+    model_dir = tmp_path / "model"
+    tiny_model("llama", vocab_size=256).save_pretrained(model_dir)
+    char_tokenizer().save_pretrained(model_dir)
+    data = tmp_path / "data"
+    data.mkdir()
+    words = ["alpha", "beta", "gamma", "delta"]
+    (data / "train.jsonl").write_text("\n".join(json.dumps({"prompt": f"say {w}", "completion": w})
+                                                for w in words * 4))
+    (data / "quiz.jsonl").write_text("\n".join(json.dumps({"prompt": f"say {w}", "choices": words, "answer": i})
+                                               for i, w in enumerate(words)))
+    (data / "ppl.jsonl").write_text(json.dumps({"text": "say alpha and beta"}))
+    args = ["run", "--model", str(model_dir), "--domain", str(data), "--epochs", "2", "--n-examples", "8",
+            "--batch-size", "4", "--calib", "4", "--sparsity", "0.5"]
+    return tmp_path, args
+
+
+def test_run_writes_expert_report_and_plots(tiny_setup, capsys):
+    tmp_path, args = tiny_setup
+    out = tmp_path / "out"
+    assert main(args + ["--output", str(out)]) == 0
+    report = json.loads((out / "report.json").read_text())
+    assert report["sparsity"]["overall"] == pytest.approx(0.5, abs=0.02)
+    assert {"quiz"} == set(report["expert_eval"]["tasks"])
+    assert len(report["prune_calls"]) == 2 and report["packed"]["format"] == "bitmap"
+    for name in ("report.md", "score_per_task.png", "sparsity_per_layer.png", "expert/config.json",
+                 "expert_packed/efx_sparse.json"):
+        assert (out / name).is_file(), name
+    # a second run into the same folder is refused, nothing is touched
+    before = (out / "report.json").read_text()
+    assert main(args + ["--output", str(out)]) == 2
+    assert "--overwrite" in capsys.readouterr().err
+    assert (out / "report.json").read_text() == before
+    # resume finds every stage done and rewrites the same report
+    assert main(args + ["--output", str(out), "--resume"]) == 0
+    assert json.loads((out / "report.json").read_text())["expert_eval"] == report["expert_eval"]
+    # export and eval of the saved expert
+    assert main(["export", "--model", str(out / "expert"), "--output", str(tmp_path / "exp")]) == 0
+    assert (tmp_path / "exp" / "hf" / "config.json").is_file()
+    assert main(["eval", "--model", str(out / "expert"), "--domain", args[4], "--output",
+                 str(tmp_path / "eval.json")]) == 0
+    assert "quiz" in json.loads((tmp_path / "eval.json").read_text())["tasks"]
+
+
+@pytest.mark.parametrize("extra, message", [
+    (["--sparsity", "1.2"], "outside"), (["--method", "obs"], "--method"),
+    (["--pattern", "3:2"], "N:M"), (["--domain", "/no/such/data"], "--domain"),
+    (["--epochs", "1"], "epochs >= 2"), (["--pipeline", "lora-prune"], "--pipeline"),
+])
+def test_bad_options_fail_before_any_work(tiny_setup, extra, message, capsys):
+    tmp_path, args = tiny_setup
+    out = tmp_path / "never"
+    assert main(args + ["--output", str(out)] + extra) == 2
+    assert message in capsys.readouterr().err
+    assert not out.exists()
+
+
+def test_config_file_and_unknown_keys(tiny_setup, capsys):
+    tmp_path, args = tiny_setup
+    config = tmp_path / "run.json"
+    config.write_text(json.dumps({"sparsity": 0.3, "lora_rank": 4}))
+    assert main(args + ["--config", str(config), "--output", str(tmp_path / "x")]) == 2
+    assert "unknown settings ['lora_rank']" in capsys.readouterr().err
