@@ -65,14 +65,16 @@ def partial_brain_surgeon(W: torch.Tensor, A: torch.Tensor, B: torch.Tensor, kee
         Rows with nothing pruned come back unchanged.
     """
     _check(W, A, B, keep_mask, act_sq)
-    prune = ~keep_mask
-    if max_pruned_per_row is not None and max_pruned_per_row < W.shape[1]:
-        prune = pruned_set(W.float() + scale * (B.float() @ A.float()), keep_mask, max_pruned_per_row)
+    limited = max_pruned_per_row is not None and max_pruned_per_row < W.shape[1]
+    prune = pruned_set(W.float() + scale * (B.float() @ A.float()), keep_mask, max_pruned_per_row) \
+        if limited else None
     if keep_weight == 1.0:
-        delta = efx_kernels.pbs_delta_keep1(W, A, B, scale, ~prune, act_sq, ridge)
+        delta = efx_kernels.pbs_delta_keep1(W, A, B, scale, keep_mask if prune is None else ~prune, act_sq, ridge)
     else:
+        prune = ~keep_mask if prune is None else prune
         delta = efx_kernels.pbs_delta_general(W, A, B, scale, prune, act_sq, keep_weight, ridge)
-    untouched = ~prune.any(dim=1)
+    # rows with nothing pruned: dB is exactly 0 in exact arithmetic; make it exactly 0 here too
+    untouched = keep_mask.all(dim=1) if prune is None else ~prune.any(dim=1)
     delta[untouched] = 0.0
     return (B.float() + delta).to(B.dtype)
 

@@ -71,8 +71,13 @@ def nm_keep_mask(score: torch.Tensor, n: int, m: int) -> torch.Tensor:
 
 
 def effective(W: torch.Tensor, A: torch.Tensor, B: torch.Tensor, scale: float) -> torch.Tensor:
-    """U = W + scale * B @ A in fp32."""
-    return W.float() + scale * (B.float() @ A.float())
+    """U = W + scale * B @ A in fp32, a new tensor (one fused multiply-add pass)."""
+    return torch.addmm(W.float(), B.float(), A.float(), alpha=scale)
+
+
+def _pruned_scaled(W, A, B, scale, keep_mask, act_sq) -> torch.Tensor:
+    """(P * U) D in fp32, built in place in U's buffer."""
+    return effective(W, A, B, scale).masked_fill_(keep_mask, 0.0).mul_(act_sq.float())
 
 
 def pbs_delta_keep1(W: torch.Tensor, A: torch.Tensor, B: torch.Tensor, scale: float, keep_mask: torch.Tensor,
@@ -81,7 +86,7 @@ def pbs_delta_keep1(W: torch.Tensor, A: torch.Tensor, B: torch.Tensor, scale: fl
 
     The r x r system is formed and solved in fp64 (it is tiny; fp32 would lose the ridge)."""
     A64, g = A.double(), act_sq.double()
-    rhs = -scale * ((effective(W, A, B, scale) * (~keep_mask)) * act_sq.float()) @ A.float().T
+    rhs = (_pruned_scaled(W, A, B, scale, keep_mask, act_sq) @ A.float().T).mul_(-scale)
     gram = scale * scale * (A64 * g) @ A64.T + ridge * torch.eye(A.shape[0], dtype=torch.float64, device=A.device)
     return torch.linalg.solve(gram, rhs.double().T).T.float()
 
@@ -89,19 +94,21 @@ def pbs_delta_keep1(W: torch.Tensor, A: torch.Tensor, B: torch.Tensor, scale: fl
 def pbs_delta_general(W: torch.Tensor, A: torch.Tensor, B: torch.Tensor, scale: float, prune_mask: torch.Tensor,
                       act_sq: torch.Tensor, keep_weight: float, ridge: float) -> torch.Tensor:
     """dB for any keep_weight: one r x r system per row, all formed with two GEMMs (method.md
-    section 4) and solved in one batched call, in fp64 so that rank-deficient rows (fewer
-    pruned columns than r, keep_weight 0) are decided by the ridge, not by rounding.
+    section 4) and solved in one batched fp64 call, so that rank-deficient rows (fewer pruned
+    columns than r, keep_weight 0) are decided by the ridge, not by rounding.
 
     `prune_mask` (m, n) bool is S_i per row; its complement is K_i.
     """
-    A64, g = A.double(), act_sq.double()
+    # keep_weight > 0 bounds every Gram below by keep_weight * A D A^T: fp32 GEMMs suffice; at 0
+    # a row's Gram can be singular and only fp64 keeps the ridge meaningful
+    work = torch.float32 if keep_weight > 0 else torch.float64
+    Aw, g = A.to(work), act_sq.to(work)
     r, n = A.shape
-    P = prune_mask.double()
-    outer = (g[:, None, None] * A64.T[:, :, None] * A64.T[:, None, :]).reshape(n, r * r)  # K[j, (a, b)]
-    full = ((A64 * g) @ A64.T).reshape(1, r * r)
-    grams = (keep_weight * full + (1.0 - keep_weight) * (P @ outer)).reshape(-1, r, r)
+    outer = (g[:, None, None] * Aw.T[:, :, None] * Aw.T[:, None, :]).reshape(n, r * r)  # K[j, (a, b)]
+    full = ((Aw * g) @ Aw.T).reshape(1, r * r)
+    grams = (keep_weight * full + (1.0 - keep_weight) * (prune_mask.to(work) @ outer)).reshape(-1, r, r).double()
     grams = scale * scale * grams + ridge * torch.eye(r, dtype=torch.float64, device=A.device)
-    rhs = -scale * ((effective(W, A, B, scale).double() * P) * g) @ A64.T
+    rhs = -scale * (_pruned_scaled(W, A, B, scale, ~prune_mask, act_sq).to(work) @ Aw.T).double()
     return torch.linalg.solve(grams, rhs[..., None])[..., 0].float()
 
 
