@@ -162,6 +162,7 @@ def _save(fig, path: Path) -> str:
     fig.tight_layout()
     fig.savefig(tmp, dpi=110)
     plt.close(fig)
+    os.chmod(tmp, 0o644)
     os.replace(tmp, path)
     return path.name
 
