@@ -96,7 +96,7 @@ def markdown(results: dict) -> str:
                 continue
             tasks = list(ref["eval"]["tasks"])
             lines += [f"## {domain}, seed {seed}", "",
-                      f"Dense LoRA: " + ", ".join(f"{t} {ref['eval']['tasks'][t]['accuracy']:.3f}" for t in tasks)
+                      "Dense LoRA: " + ", ".join(f"{t} {ref['eval']['tasks'][t]['accuracy']:.3f}" for t in tasks)
                       + f", perplexity {ref['eval']['perplexity']['perplexity']:.2f}; base model: "
                       + ", ".join(f"{t} {ref['base_eval']['tasks'][t]['accuracy']:.3f}" for t in tasks)
                       + f", perplexity {ref['base_eval']['perplexity']['perplexity']:.2f}.", "",

@@ -8,14 +8,14 @@ one block's activations and statistics are alive at a time.
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass, field
-from typing import Callable, Iterable
+from dataclasses import dataclass
+from typing import Callable
 
 import torch
 from tqdm.auto import tqdm
 
 import efx_kernels
-from efx.arch import ArchMap, BlockMap, base_linear, unwrap
+from efx.arch import ArchMap, BlockMap, base_linear
 
 log = logging.getLogger(__name__)
 
@@ -132,7 +132,6 @@ def calibrate(model, arch: ArchMap, calib, on_block: Callable[[BlockMap, dict[st
     the adapted model sees.
     """
     batches = as_batches(calib, batch_size)
-    inner = unwrap(model)
     was_training = model.training
     model.eval()
     try:
@@ -145,7 +144,6 @@ def calibrate(model, arch: ArchMap, calib, on_block: Callable[[BlockMap, dict[st
             del stats
     finally:
         model.train(was_training)
-    del inner
 
 
 def _collect(block_map: BlockMap, states, batches: list[CalibBatch], hessian: bool) -> dict[str, ModuleStats]:

@@ -11,10 +11,9 @@ import json
 import logging
 import shutil
 import time
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 
-import torch
 
 from efx.data import load_suite
 from efx.evaluate import evaluate, retention

@@ -8,7 +8,6 @@ import logging
 import torch
 import torch.nn.functional as F
 
-from efx_kernels import reference
 from efx_kernels.dispatch import use_triton
 from efx_kernels.formats import PackedWeight
 

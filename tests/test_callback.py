@@ -6,7 +6,6 @@ import subprocess
 import sys
 
 import pytest
-import torch
 
 from conftest import char_tokenizer, tiny_model
 from efx.arch import architecture_map, base_linear

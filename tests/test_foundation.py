@@ -1,7 +1,5 @@
 """Model loading, the architecture map, suites and user data, evaluation, LoRA training."""
 import json
-import math
-import warnings
 
 import pytest
 import torch
@@ -9,7 +7,7 @@ import torch
 from conftest import char_tokenizer, tiny_model
 from efx.arch import architecture_map
 from efx.data import DataError, load_suite, split_of
-from efx.evaluate import choice_logprobs, evaluate, macro_f1, retention, score_task
+from efx.evaluate import choice_logprobs, macro_f1, retention, score_task
 from efx.models import ModelLoadError, load_model
 from efx.training import TrainSettings, train_lora
 
