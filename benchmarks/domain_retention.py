@@ -84,8 +84,10 @@ def run_one(base, tokenizer, suite, settings: RunSettings, method: str, sparsity
 
 def markdown(results: dict) -> str:
     lines = ["# Domain retention on the embedded SmolLM2-135M-Instruct", "",
-             "Retention = mean over a domain's tasks of method accuracy / dense-LoRA accuracy, with perplexity "
-             "entering as dense_ppl / method_ppl (method.md section 7). Same data, LoRA budget and seed per row.", ""]
+             "Scores are length-normalized multiple-choice accuracy (`accuracy_norm`). Retention = mean over a "
+             "domain's tasks of method score / dense-LoRA score, with perplexity entering as dense_ppl / method_ppl "
+             "(method.md section 7); `raw` is the same with unnormalized accuracy. Same data, LoRA budget and seed "
+             "per row.", ""]
     dense = {(r["domain"], r["seed"]): r for r in results.values() if r["method"] == "dense"}
     for domain in sorted({r["domain"] for r in results.values()}):
         rows = [r for r in results.values() if r["domain"] == domain and r["method"] != "dense"]
@@ -96,18 +98,22 @@ def markdown(results: dict) -> str:
                 continue
             tasks = list(ref["eval"]["tasks"])
             lines += [f"## {domain}, seed {seed}", "",
-                      "Dense LoRA: " + ", ".join(f"{t} {ref['eval']['tasks'][t]['accuracy']:.3f}" for t in tasks)
-                      + f", perplexity {ref['eval']['perplexity']['perplexity']:.2f}; base model: "
-                      + ", ".join(f"{t} {ref['base_eval']['tasks'][t]['accuracy']:.3f}" for t in tasks)
-                      + f", perplexity {ref['base_eval']['perplexity']['perplexity']:.2f}.", "",
-                      "| method | sparsity | " + " | ".join(tasks) + " | ppl | retention | measured sparsity |",
-                      "| --- | --- | " + " | ".join("---" for _ in tasks) + " | --- | --- | --- |"]
+                      "| model | " + " | ".join(f"{t} (norm / raw / majority)" for t in tasks) + " | ppl |",
+                      "| --- | " + " | ".join("---" for _ in tasks) + " | --- |"]
+            for label, ev in (("base model", ref["base_eval"]), ("dense LoRA", ref["eval"])):
+                lines.append(f"| {label} | " + " | ".join(
+                    f"{ev['tasks'][t]['accuracy_norm']:.3f} / {ev['tasks'][t]['accuracy']:.3f} / "
+                    f"{ev['tasks'][t]['majority_baseline']:.3f}" for t in tasks)
+                    + f" | {ev['perplexity']['perplexity']:.2f} |")
+            lines += ["", "| method | sparsity | " + " | ".join(tasks) + " | ppl | retention | raw | measured sparsity |",
+                      "| --- | --- | " + " | ".join("---" for _ in tasks) + " | --- | --- | --- | --- |"]
             for r in sorted((r for r in rows if r["seed"] == seed), key=lambda r: (r["sparsity_setting"], r["method"])):
-                ret = retention(r["eval"], ref["eval"])
-                cells = " | ".join(f"{r['eval']['tasks'][t]['accuracy']:.3f}" for t in tasks)
+                ret = retention(r["eval"], ref["eval"], metric="accuracy_norm")
+                raw = retention(r["eval"], ref["eval"], metric="accuracy")
+                cells = " | ".join(f"{r['eval']['tasks'][t]['accuracy_norm']:.3f}" for t in tasks)
                 lines.append(f"| {r['method']} | {r['sparsity_setting']} | {cells} | "
                              f"{r['eval']['perplexity']['perplexity']:.2f} | **{ret['overall']:.3f}** | "
-                             f"{r['sparsity']:.4f} |")
+                             f"{raw['overall']:.3f} | {r['sparsity']:.4f} |")
             lines.append("")
     first = next(iter(results.values()), None)
     if first:
@@ -123,7 +129,12 @@ def main() -> None:
     parser.add_argument("--methods", nargs="*", default=list(METHODS), help="none: only dense LoRA and the base model")
     parser.add_argument("--seeds", nargs="+", type=int, default=[0])
     parser.add_argument("--output", default="benchmarks/results")
+    parser.add_argument("--render", action="store_true", help="only rewrite the .md from the JSON")
     args = parser.parse_args()
+    if args.render:
+        path = Path(args.output) / "domain_retention.json"
+        atomic_write_text(path.with_suffix(".md"), markdown(json.loads(path.read_text())))
+        return
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
     path = Path(args.output) / "domain_retention.json"
     results = json.loads(path.read_text()) if path.is_file() else {}
