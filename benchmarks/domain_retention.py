@@ -28,14 +28,15 @@ from efx.measure import measure
 from efx.models import load_model
 from efx.pipelines import calibration_batches, prune_and_adapt, unload
 from efx.prune import PruneConfig, prune
-from efx.report import sparsity_audit, versions
+from efx.report import retention_plot, sparsity_audit, versions
 from efx.run import RunSettings
 from efx.training import train_lora
 
 log = logging.getLogger("domain_retention")
 
-# name -> (PruneConfig fields, pipeline)
+# name -> (PruneConfig fields, pipeline[, EfficientXpertCallback options])
 METHODS = {
+    "efficientxpert-efx-masked": ({"method": "efficientxpert", "preset": "efx"}, "inside", {"masked_adapter": True}),
     "efficientxpert-efx": ({"method": "efficientxpert", "preset": "efx"}, "inside"),
     "efficientxpert-paper": ({"method": "efficientxpert", "preset": "paper"}, "inside"),
     "foresight": ({"method": "foresight", "preset": "efx"}, "inside"),
@@ -59,7 +60,7 @@ def prune_config(fields: dict, sparsity: str, seed: int) -> PruneConfig:
 
 
 def run_one(base, tokenizer, suite, settings: RunSettings, method: str, sparsity: str, dense_model=None) -> dict:
-    fields, pipeline = METHODS[method]
+    fields, pipeline, *options = METHODS[method]
     config = prune_config(fields, sparsity, settings.seed)
     calib = calibration_batches(tokenizer, suite.train, n=settings.calib, seed=settings.seed, system=suite.system)
     record: dict = {}
@@ -73,7 +74,8 @@ def run_one(base, tokenizer, suite, settings: RunSettings, method: str, sparsity
         with measure(record, "train"):
             model, report = prune_and_adapt(copy.deepcopy(base), tokenizer, suite.train, prune=config,
                                             lora=settings.lora(), training=settings.training(), pipeline=pipeline,
-                                            calib=calib, system=suite.system)
+                                            calib=calib, system=suite.system,
+                                            callback_kwargs=options[0] if options else None)
         calls = report["calls"]
     with measure(record, "eval"):
         result = evaluate(model, tokenizer, suite, max_items=settings.eval_items)
@@ -122,6 +124,30 @@ def markdown(results: dict) -> str:
     return "\n".join(lines)
 
 
+def plot(results: dict, folder: Path) -> list[str]:
+    """retention_vs_sparsity_<domain>.png for every domain with two or more unstructured sparsities."""
+    dense = {(r["domain"], r["seed"]): r for r in results.values() if r["method"] == "dense"}
+    written = []
+    for domain in sorted({r["domain"] for r in results.values()}):
+        series: dict[str, list] = {}
+        for r in results.values():
+            ref = dense.get((domain, r["seed"]))
+            if r["domain"] != domain or r["method"] == "dense" or ":" in r["sparsity_setting"] or ref is None \
+                    or r["seed"] != 0:
+                continue
+            ret = retention(r["eval"], ref["eval"], metric="accuracy_norm")["overall"]
+            series.setdefault(r["method"], []).append((float(r["sparsity_setting"]), ret))
+        if any(len(points) > 1 for points in series.values()):
+            written.append(retention_plot(series, folder / f"retention_vs_sparsity_{domain}.png",
+                                          f"{domain}, seed 0 (unstructured)"))
+    return written
+
+
+def render(results: dict, path: Path) -> None:
+    atomic_write_text(path.with_suffix(".md"), markdown(results))
+    plot(results, path.parent)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--domains", nargs="+", default=["medical", "legal"])
@@ -133,7 +159,7 @@ def main() -> None:
     args = parser.parse_args()
     if args.render:
         path = Path(args.output) / "domain_retention.json"
-        atomic_write_text(path.with_suffix(".md"), markdown(json.loads(path.read_text())))
+        render(json.loads(path.read_text()), path)
         return
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
     path = Path(args.output) / "domain_retention.json"
@@ -144,7 +170,7 @@ def main() -> None:
     def save(entry_key, entry):
         results[entry_key] = entry
         atomic_write_text(path, json.dumps(results, indent=1))
-        atomic_write_text(path.with_suffix(".md"), markdown(results))
+        render(results, path)
 
     base, tokenizer = load_model()
     for seed in args.seeds:

@@ -160,8 +160,6 @@ def _collect(block_map: BlockMap, states, batches: list[CalibBatch], hessian: bo
                 s = stats[role] = ModuleStats(torch.zeros(n, dtype=torch.float32, device=x.device),
                                               hessian_sum=torch.zeros(n, n, dtype=torch.float32, device=x.device)
                                               if hessian else None)
-            if not torch.isfinite(x).all():
-                raise FloatingPointError(f"non-finite activations entering {block_map.qualified(role)}")
             mask = current["mask"]
             s.tokens += efx_kernels.accumulate_act_sq(x, s.sq_sum, mask)
             if hessian:
@@ -179,6 +177,10 @@ def _collect(block_map: BlockMap, states, batches: list[CalibBatch], hessian: bo
     finally:
         for handle in handles:
             handle.remove()
+    for role, s in stats.items():
+        # a NaN or Inf among the inputs makes their sum of squares non-finite: one check per target
+        if not torch.isfinite(s.sq_sum).all():
+            raise FloatingPointError(f"non-finite activations entering {block_map.qualified(role)}")
     for role, module in block_map.targets.items():
         if role not in stats:
             n = base_linear(module).in_features

@@ -7,6 +7,8 @@ from dataclasses import replace
 
 from transformers import TrainerCallback
 
+from efx import masked_adapter
+from efx.arch import architecture_map
 from efx.prune import PruneConfig, PruneMemory, prune
 
 log = logging.getLogger(__name__)
@@ -26,10 +28,13 @@ class EfficientXpertCallback(TrainerCallback):
         schedule: "epoch" or "steps".
         every_steps: interval of the "steps" schedule.
         reset_optimizer: clear the optimizer state after each call (the authors keep it).
+        masked_adapter: between calls, mask the adapter delta with the last call's keep-masks, so
+            the effective weight stays sparse while training and the final call loses nothing
+            (see `efx.masked_adapter`; the authors leave the delta dense).
     """
 
     def __init__(self, calib, config: PruneConfig | None = None, *, schedule: str = "epoch",
-                 every_steps: int | None = None, reset_optimizer: bool = False):
+                 every_steps: int | None = None, reset_optimizer: bool = False, masked_adapter: bool = False):
         if schedule not in ("epoch", "steps"):
             raise ValueError(f"schedule {schedule!r}: expected 'epoch' or 'steps'")
         if schedule == "steps" and not every_steps:
@@ -40,11 +45,16 @@ class EfficientXpertCallback(TrainerCallback):
         self.schedule = schedule
         self.every_steps = every_steps
         self.reset_optimizer = reset_optimizer
+        self.masked_adapter = masked_adapter
         self.memory = PruneMemory()
         self.reports: list[dict] = []
 
-    def _call(self, model, optimizer, config: PruneConfig, when: str) -> None:
+    def _call(self, model, optimizer, config: PruneConfig, when: str, final: bool = False) -> None:
+        arch = architecture_map(model)
+        masked_adapter.fold(arch)  # no-op unless the adapter is masked
         report = prune(model, self.calib, config, memory=self.memory)
+        if self.masked_adapter and not final:
+            masked_adapter.attach(arch, self.memory.masks)
         entry = report.to_dict()
         entry["when"] = when
         self.reports.append(entry)
@@ -63,5 +73,5 @@ class EfficientXpertCallback(TrainerCallback):
 
     def on_train_end(self, args, state, control, model=None, optimizer=None, **kwargs):
         final = replace(self.config, pbs=False, use_memory=False)
-        self._call(model, optimizer, final, "train end")
+        self._call(model, optimizer, final, "train end", final=True)
         model.eval()

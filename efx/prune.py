@@ -283,7 +283,7 @@ def _prune_module(arch, block, role, module, stats, config, memory, name, undo, 
                                               keep_weight=config.pbs_keep_weight, ridge=config.pbs_ridge,
                                               max_pruned_per_row=config.pbs_max_pruned_per_row)
             U = weight.float() + scale * (new_b.float() @ A.float())
-        merged = U * keep
+        merged = U.mul_(keep.view(torch.uint8))  # U is a fresh fp32 tensor here
     weight.copy_(merged.to(weight.dtype))
     reset_adapter(module, generator)
     kept = int(keep.sum())

@@ -140,18 +140,21 @@ def plots(report: dict, folder: Path) -> list[str]:
     return written
 
 
-def retention_plot(points: list[tuple[float, float]], path: Path, label: str) -> str:
-    """Retention against sparsity, for reports covering several sparsities."""
+def retention_plot(series: dict[str, list[tuple[float, float]]], path: Path, title: str = "") -> str:
+    """Retention against sparsity, one line per method (for results covering several sparsities)."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-    fig, ax = plt.subplots(figsize=(5, 3.5))
-    xs, ys = zip(*sorted(points))
-    ax.plot(xs, ys, marker="o", label=label)
+    fig, ax = plt.subplots(figsize=(6.5, 4))
+    for label, points in sorted(series.items()):
+        xs, ys = zip(*sorted(points))
+        ax.plot(xs, ys, marker="o", label=label)
     ax.axhline(1.0, color="grey", lw=0.5)
+    ax.axhline(0.98, color="grey", lw=0.5, ls="--")
     ax.set_xlabel("sparsity")
     ax.set_ylabel("retention vs dense LoRA")
-    ax.legend()
+    ax.set_title(title)
+    ax.legend(fontsize=7)
     return _save(fig, path)
 
 

@@ -6,6 +6,7 @@ skips the stages already completed.
 """
 from __future__ import annotations
 
+import copy
 import gc
 import json
 import logging
@@ -59,6 +60,8 @@ class RunSettings:
     """PBS keep weight."""
     mask_lr: float = 0.5
     """Score memory eta."""
+    masked_adapter: bool = False
+    """EfficientXpert: keep the adapter delta inside the last mask between pruning calls."""
     lora_r: int = 8
     """LoRA rank."""
     lora_alpha: float = 16.0
@@ -187,7 +190,7 @@ def run(settings: RunSettings, output: str | Path, *, overwrite: bool = False, r
 
     dense = stages.get("dense")
     if dense is None:
-        reference, _ = load_model(settings.model)
+        reference = copy.deepcopy(model)  # same weights as a second load, without reading the file again
         dense_record: dict = {}
         with measure(dense_record, "dense_train"):
             reference, stats = train_lora(reference, tokenizer, suite.train, lora=settings.lora(),
@@ -247,7 +250,8 @@ def _train_expert(model, tokenizer, suite, settings: RunSettings, output: Path) 
         with measure(record, "expert_train"):
             model, report = prune_and_adapt(model, tokenizer, suite.train, prune=settings.prune_config(),
                                             lora=settings.lora(), training=settings.training(), pipeline=pipeline,
-                                            calib=calib, system=suite.system)
+                                            calib=calib, system=suite.system,
+                                            callback_kwargs={"masked_adapter": settings.masked_adapter})
         calls = report["calls"]
     with atomic_folder(output / "expert", overwrite=True) as folder:
         model.save_pretrained(folder)

@@ -27,8 +27,8 @@ def _act_sq_partial_kernel(x_ptr, keep_ptr, part_ptr, n_tokens, n_cols, stride_x
         x = tl.load(x_ptr + rows[:, None] * stride_x + cols[None, :], mask=row_ok[:, None] & col_ok[None, :],
                     other=0.0).to(tl.float32)
         if HAS_MASK:
-            keep = tl.load(keep_ptr + rows, mask=row_ok, other=0).to(tl.float32)
-            x = x * keep[:, None]
+            keep = tl.load(keep_ptr + rows, mask=row_ok, other=0)
+            x = tl.where(keep[:, None] != 0, x, 0.0)  # padding may hold anything, even NaN
         acc += tl.sum(x * x, axis=0)
     tl.store(part_ptr + split * n_cols + cols, acc, mask=col_ok)
 

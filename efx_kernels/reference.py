@@ -75,9 +75,12 @@ def effective(W: torch.Tensor, A: torch.Tensor, B: torch.Tensor, scale: float) -
     return torch.addmm(W.float(), B.float(), A.float(), alpha=scale)
 
 
-def _pruned_scaled(W, A, B, scale, keep_mask, act_sq) -> torch.Tensor:
-    """(P * U) D in fp32, built in place in U's buffer."""
-    return effective(W, A, B, scale).masked_fill_(keep_mask, 0.0).mul_(act_sq.float())
+def _pbs_rhs(W, A, B, scale, keep_mask, act_sq, dtype=torch.float32) -> torch.Tensor:
+    """-s * (P * U) D A^T, (m, r): D is folded into the small A, so the m x n work is one
+    effective-weight pass, one masking multiply and one GEMM."""
+    # a uint8 multiply streams; bool-indexed selects are several times slower on CPUs
+    pruned_u = effective(W, A, B, scale).mul_((~keep_mask).view(torch.uint8)).to(dtype)
+    return (pruned_u @ (A.to(dtype) * act_sq.to(dtype)).T).mul_(-scale)
 
 
 def pbs_delta_keep1(W: torch.Tensor, A: torch.Tensor, B: torch.Tensor, scale: float, keep_mask: torch.Tensor,
@@ -86,7 +89,7 @@ def pbs_delta_keep1(W: torch.Tensor, A: torch.Tensor, B: torch.Tensor, scale: fl
 
     The r x r system is formed and solved in fp64 (it is tiny; fp32 would lose the ridge)."""
     A64, g = A.double(), act_sq.double()
-    rhs = (_pruned_scaled(W, A, B, scale, keep_mask, act_sq) @ A.float().T).mul_(-scale)
+    rhs = _pbs_rhs(W, A, B, scale, keep_mask, act_sq)
     gram = scale * scale * (A64 * g) @ A64.T + ridge * torch.eye(A.shape[0], dtype=torch.float64, device=A.device)
     return torch.linalg.solve(gram, rhs.double().T).T.float()
 
@@ -108,7 +111,7 @@ def pbs_delta_general(W: torch.Tensor, A: torch.Tensor, B: torch.Tensor, scale: 
     full = ((Aw * g) @ Aw.T).reshape(1, r * r)
     grams = (keep_weight * full + (1.0 - keep_weight) * (prune_mask.to(work) @ outer)).reshape(-1, r, r).double()
     grams = scale * scale * grams + ridge * torch.eye(r, dtype=torch.float64, device=A.device)
-    rhs = -scale * (_pruned_scaled(W, A, B, scale, ~prune_mask, act_sq).to(work) @ Aw.T).double()
+    rhs = _pbs_rhs(W, A, B, scale, ~prune_mask, act_sq, work).double()
     return torch.linalg.solve(grams, rhs[..., None])[..., 0].float()
 
 

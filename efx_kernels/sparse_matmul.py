@@ -6,6 +6,10 @@ GEMMs done by torch.
 
 Tile conventions: a weight tile is BLOCK_ROWS output features x 64 input features; bitmap
 tiles are 16 x 64, so bitmap kernels use BLOCK_ROWS = 16.
+
+On a GPU both kernels are autotuned, keyed on the token-count bucket (powers of two from 16 to
+1024), the layer shape, the LoRA rank and the format; the interpreter (CPU tests) skips the
+search and uses the tile rule of `block_m_for` / `_block_rows`.
 """
 from __future__ import annotations
 
@@ -53,9 +57,36 @@ def _weight_tile(w0_ptr, w1_ptr, w2_ptr, row0, k0, n_rows, n_cols, stride0, stri
     return tile
 
 
+def _tile_configs() -> list:
+    return [triton.Config({"BLOCK_M": bm, "BLOCK_ROWS": br}, num_warps=warps, num_stages=stages)
+            for bm in (16, 32, 64, 128) for br in (16, 32, 64, 128) if bm * br <= 8192
+            for warps, stages in ((4, 2), (4, 3), (8, 3))]
+
+
+def prune_tile_configs(configs, named_args, **kwargs) -> list:
+    """Drop configs that cannot win or cannot run: bitmap tiles are 16 rows high, and a token
+    tile larger than the bucket only computes padding."""
+    bucket = named_args.get("m_bucket", kwargs.get("m_bucket", 16))
+    bitmap = kwargs.get("FORMAT", named_args.get("FORMAT")) == FORMAT_IDS["bitmap"]
+    kept = [c for c in configs if c.kwargs["BLOCK_M"] <= max(16, bucket)
+            and (c.kwargs["BLOCK_ROWS"] == TILE_ROWS if bitmap else c.kwargs["BLOCK_ROWS"] >= 32)]
+    return kept or configs[:1]
+
+
+def _autotuned(kernel):
+    return triton.autotune(configs=_tile_configs(), key=["m_bucket", "n_out", "n_in", "rank", "FORMAT"],
+                           prune_configs_by={"early_config_prune": prune_tile_configs})(kernel)
+
+
+def m_bucket(n_tokens: int) -> int:
+    """Autotuning bucket of a token count: the next power of two, within [16, 1024]."""
+    return max(16, min(triton.next_power_of_2(max(n_tokens, 1)), 1024))
+
+
+@_autotuned
 @triton.jit
 def _forward_kernel(y_ptr, x_ptr, w0_ptr, w1_ptr, w2_ptr, xa_ptr, b_ptr, bias_ptr, n_tokens, n_out, n_in, rank,
-                    stride_y, stride_x, stride0, stride1, tiles_per_row, stride_xa, stride_b,
+                    m_bucket, stride_y, stride_x, stride0, stride1, tiles_per_row, stride_xa, stride_b,
                     FORMAT: tl.constexpr, HAS_LORA: tl.constexpr, HAS_BIAS: tl.constexpr, PRECISION: tl.constexpr,
                     BLOCK_M: tl.constexpr, BLOCK_ROWS: tl.constexpr, BLOCK_R: tl.constexpr):
     tokens = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -81,9 +112,10 @@ def _forward_kernel(y_ptr, x_ptr, w0_ptr, w1_ptr, w2_ptr, xa_ptr, b_ptr, bias_pt
              mask=(tokens[:, None] < n_tokens) & (rows[None, :] < n_out))
 
 
+@_autotuned
 @triton.jit
 def _grad_input_kernel(dx_ptr, dy_ptr, w0_ptr, w1_ptr, w2_ptr, dyb_ptr, a_ptr, n_tokens, n_out, n_in, rank,
-                       stride_dx, stride_dy, stride0, stride1, tiles_per_row, stride_dyb, stride_a,
+                       m_bucket, stride_dx, stride_dy, stride0, stride1, tiles_per_row, stride_dyb, stride_a,
                        FORMAT: tl.constexpr, HAS_LORA: tl.constexpr, PRECISION: tl.constexpr,
                        BLOCK_M: tl.constexpr, BLOCK_ROWS: tl.constexpr, BLOCK_R: tl.constexpr):
     """dX[:, k0:k0+64] = dY @ W[:, k0:k0+64] + (s dY B) @ A[:, k0:k0+64]."""
@@ -135,6 +167,14 @@ def _block_rows(packed: PackedWeight, n_tokens: int) -> int:
     return 32 if n_tokens <= 64 else 64
 
 
+def _launch(kernel, packed: PackedWeight, n_tokens: int):
+    """The autotuned kernel on a GPU; under the interpreter the plain kernel with the tile rule
+    (autotuning times launches on a device, which the interpreter does not have)."""
+    if interpreting():
+        return kernel.fn, {"BLOCK_M": block_m_for(n_tokens), "BLOCK_ROWS": _block_rows(packed, n_tokens)}
+    return kernel, {}
+
+
 def _precision(dtype) -> str:
     return "ieee" if dtype == torch.float32 else "tf32"
 
@@ -147,13 +187,13 @@ def forward(x2d: torch.Tensor, packed: PackedWeight, xa: torch.Tensor | None, B:
     y = torch.empty((n_tokens, n_out), dtype=x2d.dtype, device=x2d.device)
     w0, w1, w2, s0, s1, tiles = _weight_args(packed)
     rank = 0 if xa is None else xa.shape[1]
-    bm, rows = block_m_for(n_tokens), _block_rows(packed, n_tokens)
-    grid = (triton.cdiv(n_tokens, bm), triton.cdiv(n_out, rows))
-    _forward_kernel[grid](y, x2d, w0, w1, w2, xa if xa is not None else x2d, B if B is not None else x2d,
-                          bias if bias is not None else x2d, n_tokens, n_out, n_in, rank, y.stride(0), x2d.stride(0),
-                          s0, s1, tiles, xa.stride(0) if xa is not None else 0, B.stride(0) if B is not None else 0,
-                          FORMAT=FORMAT_IDS[packed.format], HAS_LORA=xa is not None, HAS_BIAS=bias is not None,
-                          PRECISION=_precision(x2d.dtype), BLOCK_M=bm, BLOCK_ROWS=rows, BLOCK_R=_block_r(rank))
+    kernel, tiles_kw = _launch(_forward_kernel, packed, n_tokens)
+    grid = lambda meta: (triton.cdiv(n_tokens, meta["BLOCK_M"]), triton.cdiv(n_out, meta["BLOCK_ROWS"]))  # noqa: E731
+    kernel[grid](y, x2d, w0, w1, w2, xa if xa is not None else x2d, B if B is not None else x2d,
+                 bias if bias is not None else x2d, n_tokens, n_out, n_in, rank, m_bucket(n_tokens), y.stride(0),
+                 x2d.stride(0), s0, s1, tiles, xa.stride(0) if xa is not None else 0,
+                 B.stride(0) if B is not None else 0, FORMAT=FORMAT_IDS[packed.format], HAS_LORA=xa is not None,
+                 HAS_BIAS=bias is not None, PRECISION=_precision(x2d.dtype), BLOCK_R=_block_r(rank), **tiles_kw)
     return y
 
 
@@ -164,11 +204,11 @@ def grad_input(dy: torch.Tensor, packed: PackedWeight, dyb: torch.Tensor | None,
     dx = torch.empty((n_tokens, n_in), dtype=dy.dtype, device=dy.device)
     w0, w1, w2, s0, s1, tiles = _weight_args(packed)
     rank = 0 if dyb is None else dyb.shape[1]
-    bm, rows = block_m_for(n_tokens), _block_rows(packed, n_tokens)
-    grid = (triton.cdiv(n_tokens, bm), triton.cdiv(n_in, 64))
-    _grad_input_kernel[grid](dx, dy, w0, w1, w2, dyb if dyb is not None else dy, A if A is not None else dy,
-                             n_tokens, n_out, n_in, rank, dx.stride(0), dy.stride(0), s0, s1, tiles,
-                             dyb.stride(0) if dyb is not None else 0, A.stride(0) if A is not None else 0,
-                             FORMAT=FORMAT_IDS[packed.format], HAS_LORA=dyb is not None,
-                             PRECISION=_precision(dy.dtype), BLOCK_M=bm, BLOCK_ROWS=rows, BLOCK_R=_block_r(rank))
+    kernel, tiles_kw = _launch(_grad_input_kernel, packed, n_tokens)
+    grid = lambda meta: (triton.cdiv(n_tokens, meta["BLOCK_M"]), triton.cdiv(n_in, 64))  # noqa: E731
+    kernel[grid](dx, dy, w0, w1, w2, dyb if dyb is not None else dy, A if A is not None else dy, n_tokens, n_out,
+                 n_in, rank, m_bucket(n_tokens), dx.stride(0), dy.stride(0), s0, s1, tiles,
+                 dyb.stride(0) if dyb is not None else 0, A.stride(0) if A is not None else 0,
+                 FORMAT=FORMAT_IDS[packed.format], HAS_LORA=dyb is not None, PRECISION=_precision(dy.dtype),
+                 BLOCK_R=_block_r(rank), **tiles_kw)
     return dx

@@ -90,3 +90,15 @@ def test_leading_dims_and_shape_errors():
     assert sparse_lora_linear(x, packed, None, None, 1.0).shape == (2, 3, 16)
     with pytest.raises(ValueError, match="features"):
         sparse_lora_linear(torch.randn(2, 63, device=DEVICE), packed, None, None, 1.0)
+
+
+def test_autotune_configs_fit_the_format_and_bucket():
+    from efx_kernels.sparse_matmul import FORMAT_IDS, _tile_configs, m_bucket, prune_tile_configs
+    assert [m_bucket(t) for t in (1, 16, 17, 64, 300, 5000)] == [16, 16, 32, 64, 512, 1024]
+    configs = _tile_configs()
+    decode_bitmap = prune_tile_configs(configs, {"m_bucket": 16}, FORMAT=FORMAT_IDS["bitmap"])
+    assert decode_bitmap and all(c.kwargs == {"BLOCK_M": 16, "BLOCK_ROWS": 16} for c in decode_bitmap)
+    prefill_24 = prune_tile_configs(configs, {"m_bucket": 1024}, FORMAT=FORMAT_IDS["2:4"])
+    assert {c.kwargs["BLOCK_M"] for c in prefill_24} == {16, 32, 64, 128}
+    assert all(c.kwargs["BLOCK_ROWS"] >= 32 and c.kwargs["BLOCK_M"] * c.kwargs["BLOCK_ROWS"] <= 8192
+               for c in prefill_24)
