@@ -85,7 +85,7 @@ def pbs_delta_keep1(W, A, B, scale: float, keep_mask, act_sq, ridge: float) -> t
 
 def pbs_delta_general(W, A, B, scale: float, prune_mask, act_sq, keep_weight: float, ridge: float) -> torch.Tensor:
     """dB (m, r) fp32 of PBS for any keep_weight; `prune_mask` (m, n) bool is S_i per row."""
-    if use_triton(W, A, B, act_sq) and A.shape[0] <= 64:
+    if use_triton(W, A, B, act_sq) and A.shape[0] <= 64 and keep_weight > 0:
         from efx_kernels.pbs import pbs_delta_general_triton
         return pbs_delta_general_triton(W, A, B, scale, prune_mask, act_sq, keep_weight, ridge)
     return reference.pbs_delta_general(W, A, B, scale, prune_mask, act_sq, keep_weight, ridge)

@@ -112,7 +112,7 @@ def test_the_fixture_really_selects_triton(monkeypatch):
 
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("m, n, r", [(1, 9, 1), (37, 70, 8), (20, 33, 16), (6, 90, 64)])
-@pytest.mark.parametrize("keep_weight", [1.0, 0.5])
+@pytest.mark.parametrize("keep_weight", [1.0, 0.5, 0.0])
 def test_pbs_kernels(dtype, m, n, r, keep_weight):
     import efx_kernels
     W, A, B, stat = score_case(m, n, r, dtype)
