@@ -21,6 +21,7 @@ import efx_kernels
 from efx.foresight import (GRANULARITIES, PRESETS, activation_statistic, foresight_score, parse_pattern,
                            score_inputs, select_keep_mask)
 from efx.pbs import hessian_pbs, partial_brain_surgeon
+from efx.score_store import ScoreStore
 
 log = logging.getLogger(__name__)
 
@@ -96,10 +97,11 @@ class PruneConfig:
 
 @dataclass
 class PruneMemory:
-    """What a schedule carries from one call to the next: blended scores (bf16, on the CPU: two
-    bytes per weight) and the previous keep-masks (bit-packed: one bit per weight)."""
+    """What a schedule carries from one call to the next: blended scores (bf16, two bytes per
+    weight, in temporary files by default: see `efx.score_store`) and the previous keep-masks
+    (bit-packed in RAM: one bit per weight)."""
 
-    scores: dict[str, torch.Tensor] = field(default_factory=dict)
+    scores: ScoreStore = field(default_factory=ScoreStore)
     masks: dict[str, np.ndarray] = field(default_factory=dict)
     calls: int = 0
 
@@ -205,7 +207,6 @@ def prune(model, calib, config: PruneConfig | None = None, *, memory: PruneMemor
     memory = memory if memory is not None else PruneMemory()
     report = PruneReport(config=asdict(config), call=memory.calls + 1)
     undo: list[tuple[torch.Tensor, torch.Tensor]] = []
-    new_scores: dict[str, torch.Tensor] = {}
     new_masks: dict[str, np.ndarray] = {}
     generator = torch.Generator().manual_seed(config.seed * 1_000_003 + memory.calls)
     need_hessian = config.method == "sparsegpt" or (config.run_pbs and config.pbs_hessian)
@@ -215,8 +216,8 @@ def prune(model, calib, config: PruneConfig | None = None, *, memory: PruneMemor
             start = time.perf_counter()
             name = block.qualified(role)
             module = block.targets[role]
-            _prune_module(arch, block, role, module, stats[role], config, memory, name, undo, new_scores,
-                          new_masks, report, generator)
+            _prune_module(arch, block, role, module, stats[role], config, memory, name, undo, new_masks, report,
+                          generator)
             report.modules[name]["seconds"] = time.perf_counter() - start
 
     started = time.perf_counter()
@@ -226,10 +227,11 @@ def prune(model, calib, config: PruneConfig | None = None, *, memory: PruneMemor
     except BaseException:
         for target, saved in reversed(undo):
             target.copy_(saved.to(target.device))
+        memory.scores.discard()
         log.error("pruning failed; every modified weight was restored")
         raise
     if config.use_memory:
-        memory.scores.update(new_scores)
+        memory.scores.commit()
     else:
         memory.scores.clear()
     memory.masks.update(new_masks)
@@ -239,7 +241,7 @@ def prune(model, calib, config: PruneConfig | None = None, *, memory: PruneMemor
     return report
 
 
-def _prune_module(arch, block, role, module, stats, config, memory, name, undo, new_scores, new_masks, report,
+def _prune_module(arch, block, role, module, stats, config, memory, name, undo, new_masks, report,
                   generator) -> None:
     weight = base_linear(module).weight
     parts = lora_parts(module)
@@ -258,7 +260,7 @@ def _prune_module(arch, block, role, module, stats, config, memory, name, undo, 
         prev = memory.scores.get(name) if config.use_memory else None
         score = foresight_score(arch, block, role, stats, config.preset, prev=prev, eta=config.mask_lr)
         if config.use_memory:
-            new_scores[name] = score.to("cpu", torch.bfloat16)
+            memory.scores.stage(name, score)
         keep = select_keep_mask(score, sparsity, config.pattern, config.granularity)
     elif config.method == "sparsegpt":
         merged, keep = baselines.sparsegpt(U, stats.hessian, sparsity, config.pattern, config.sparsegpt_block,

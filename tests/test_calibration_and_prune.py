@@ -10,6 +10,7 @@ from efx.baselines import sparsegpt, wanda_score
 from efx.calibration import calibrate
 from efx.foresight import select_keep_mask
 from efx.prune import PruneConfig, PruneMemory, prune
+from efx.score_store import ScoreStore
 from efx.training import LoraSettings, add_lora
 
 
@@ -129,16 +130,34 @@ def test_merge_applies_the_adapter_before_masking():
     assert torch.equal(keep, select_keep_mask(U.abs(), 0.5))
 
 
-def test_score_memory_and_overlap():
+@pytest.mark.parametrize("offload", [True, False])
+def test_score_memory_and_overlap(offload):
     model = lora_model()
-    memory = PruneMemory()
+    memory = PruneMemory(scores=ScoreStore(offload=offload))
     first = prune(model, padded_calib(), PruneConfig(sparsity=0.3), memory=memory)
     assert first.mask_overlap is None and memory.calls == 1 and len(memory.scores) == 14
-    assert all(s.dtype == torch.bfloat16 for s in memory.scores.values())
+    name = "model.layers.0.mlp.up_proj"
+    assert memory.scores.get(name).dtype == torch.bfloat16
     second = prune(model, padded_calib(), PruneConfig(sparsity=0.3), memory=memory)
     assert 0.0 < second.mask_overlap <= 1.0
     prune(model, padded_calib(), PruneConfig(sparsity=0.3, use_memory=False), memory=memory)
-    assert memory.scores == {}
+    assert len(memory.scores) == 0 and memory.scores.get(name) is None
+
+
+def test_score_store_files_and_ram_agree():
+    score = torch.randn(7, 9)
+    stores = [ScoreStore(offload=True), ScoreStore(offload=False)]
+    for store in stores:
+        store.stage("a", score)
+        assert store.get("a") is None            # staged, not committed
+        store.commit()
+        store.stage("a", score * 2)
+        store.discard()                          # a failed call leaves the committed scores
+        assert torch.equal(store.get("a"), score.to(torch.bfloat16))
+    folder = stores[0]._root
+    assert len(list(folder.rglob("*.bin"))) == 1
+    del stores
+    assert not folder.exists()               # the temporary folder goes with the store
 
 
 @pytest.mark.parametrize("config, message", [
