@@ -63,9 +63,11 @@ def build_parser() -> argparse.ArgumentParser:
     x.add_argument("--output", required=True, help="folder to write")
     x.add_argument("--format", default="bitmap", help="packed format: bitmap, 2:4 or masked (default: bitmap)")
     x.add_argument("--overwrite", action="store_true", help="replace a non-empty output folder")
-    b = sub.add_parser("bench", help="run the kernel and pruning benchmarks and write JSON")
-    b.add_argument("--output", default="benchmarks/results", help="folder for the JSON results")
-    b.add_argument("--only", default=None, help="one benchmark: pbs, kernels")
+    b = sub.add_parser("bench", help="run the benchmarks and write JSON (and the retention table) into --output")
+    b.add_argument("--output", default="benchmarks/results", help="folder for the results")
+    b.add_argument("--only", nargs="+", default=None,
+                   help="some of: pbs (seconds), kernels (minutes), overhead (about 7 minutes on 2 CPU cores), "
+                        "retention (hours on a CPU; resumes where it stopped). Default: all four, in that order")
     return parser
 
 
@@ -117,17 +119,20 @@ def main(argv=None) -> int:
 def _bench(args) -> int:
     import subprocess
     root = Path(__file__).resolve().parent.parent / "benchmarks"
-    scripts = {"pbs": "pbs_speed.py", "kernels": "kernel_bench.py"}
-    chosen = [args.only] if args.only else list(scripts)
+    scripts = {"pbs": ["pbs_speed.py"], "kernels": ["kernel_bench.py"], "overhead": ["overhead.py", "--repeats", "1"],
+               "retention": ["domain_retention.py"]}
+    chosen = args.only or list(scripts)
     for name in chosen:
         if name not in scripts:
             print(f"efx bench: error: --only {name!r}: expected one of {sorted(scripts)}", file=sys.stderr)
             return 2
-        script = root / scripts[name]
+    for name in chosen:
+        script, *options = scripts[name]
+        script = root / script
         if not script.is_file():
             print(f"efx bench: error: {script} not found (efx bench runs from a source checkout)", file=sys.stderr)
             return 2
-        code = subprocess.call([sys.executable, str(script), "--output", args.output])
+        code = subprocess.call([sys.executable, str(script), *options, "--output", args.output])
         if code:
             return code
     return 0

@@ -72,3 +72,12 @@ def test_config_file_and_unknown_keys(tiny_setup, capsys):
     config.write_text(json.dumps({"sparsity": 0.3, "lora_rank": 4}))
     assert main(args + ["--config", str(config), "--output", str(tmp_path / "x")]) == 2
     assert "unknown settings ['lora_rank']" in capsys.readouterr().err
+
+
+def test_bench_checks_names_first_and_writes_json(tmp_path, capsys):
+    assert main(["bench", "--only", "pbs", "nope", "--output", str(tmp_path)]) == 2
+    assert "nope" in capsys.readouterr().err and not any(tmp_path.iterdir())
+    assert main(["bench", "--only", "pbs", "--output", str(tmp_path)]) == 0
+    result = json.loads((tmp_path / "pbs_speed.json").read_text())
+    assert [r["keep_weight"] for r in result["results"]] == [1.0, 0.5]
+    assert all(r["max_abs_diff_vs_fp64_loop"] < 1e-6 for r in result["results"])
