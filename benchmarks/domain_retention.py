@@ -37,6 +37,7 @@ log = logging.getLogger("domain_retention")
 # name -> (PruneConfig fields, pipeline[, EfficientXpertCallback options])
 METHODS = {
     "efficientxpert-efx-masked": ({"method": "efficientxpert", "preset": "efx"}, "inside", {"masked_adapter": True}),
+    "efficientxpert-efx-hessian": ({"method": "efficientxpert", "preset": "efx", "pbs_hessian": True}, "inside"),
     "efficientxpert-efx": ({"method": "efficientxpert", "preset": "efx"}, "inside"),
     "efficientxpert-paper": ({"method": "efficientxpert", "preset": "paper"}, "inside"),
     "foresight": ({"method": "foresight", "preset": "efx"}, "inside"),

@@ -116,6 +116,22 @@ def parse_pattern(pattern: str) -> tuple[int, int] | None:
     return n, m
 
 
+def _keep_all_but_lowest(score: torch.Tensor, k: int) -> torch.Tensor:
+    """Keep-mask pruning the k lowest scores of every row; among scores equal to a row's k-th
+    lowest, the lower column index is pruned first (what a stable sort would pick). A selection
+    (kthvalue) rather than a sort: the tie pass runs only for rows that need it."""
+    if k <= 0:
+        return torch.ones_like(score, dtype=torch.bool)
+    threshold = score.kthvalue(k, dim=1, keepdim=True).values
+    pruned = score <= threshold
+    if not bool((pruned.sum(1) == k).all()):  # ties at the threshold: prune the first ones only
+        below = score < threshold
+        at = score == threshold
+        need = k - below.sum(1, keepdim=True)
+        pruned = below | (at & (at.cumsum(1) <= need))
+    return ~pruned
+
+
 def select_keep_mask(score: torch.Tensor, sparsity: float, pattern: str = "unstructured",
                      granularity: str = "row") -> torch.Tensor:
     """Boolean keep-mask (True = kept) pruning the lowest scores, with exact counts.
@@ -132,15 +148,7 @@ def select_keep_mask(score: torch.Tensor, sparsity: float, pattern: str = "unstr
         return efx_kernels.nm_keep_mask(score, *nm)
     score = score.float()
     if granularity == "row":
-        k = math.floor(cols * sparsity)
-        order = torch.sort(score, dim=1, stable=True).indices[:, :k]
-        keep = torch.ones_like(score, dtype=torch.bool)
-        keep.scatter_(1, order, False)
-        return keep
+        return _keep_all_but_lowest(score, math.floor(cols * sparsity))
     if granularity == "matrix":
-        k = math.floor(rows * cols * sparsity)
-        order = torch.sort(score.reshape(-1), stable=True).indices[:k]
-        keep = torch.ones(rows * cols, dtype=torch.bool, device=score.device)
-        keep[order] = False
-        return keep.reshape(rows, cols)
+        return _keep_all_but_lowest(score.reshape(1, -1), math.floor(rows * cols * sparsity)).reshape(rows, cols)
     raise ValueError(f"granularity {granularity!r}: expected one of {GRANULARITIES}")

@@ -113,6 +113,18 @@ def test_ties_are_deterministic():
     assert torch.equal(select_keep_mask(score, 0.0, "2:4"), select_keep_mask(score.clone(), 0.0, "2:4"))
 
 
+@pytest.mark.parametrize("granularity", ["row", "matrix"])
+def test_selection_with_many_ties_matches_a_stable_sort(granularity):
+    score = torch.randint(0, 4, (9, 24), generator=torch.Generator().manual_seed(1)).float()
+    score[2] = 0.0
+    flat = score if granularity == "row" else score.reshape(1, -1)
+    k = math.floor(flat.shape[1] * 0.4)
+    expected = torch.ones_like(flat, dtype=torch.bool)
+    expected.scatter_(1, torch.sort(flat, dim=1, stable=True).indices[:, :k], False)
+    keep = select_keep_mask(score, 0.4, "unstructured", granularity)
+    assert torch.equal(keep, expected.reshape(score.shape))
+
+
 def test_bad_pattern_and_granularity():
     with pytest.raises(ValueError, match="N:M"):
         select_keep_mask(torch.rand(4, 8), 0.5, "4:2")
