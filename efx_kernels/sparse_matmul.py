@@ -16,6 +16,7 @@ from __future__ import annotations
 import torch
 import triton
 import triton.language as tl
+import triton.testing
 
 from efx_kernels.dispatch import interpreting
 from efx_kernels.formats import TILE_COLS, TILE_ROWS, PackedWeight
@@ -58,9 +59,11 @@ def _weight_tile(w0_ptr, w1_ptr, w2_ptr, row0, k0, n_rows, n_cols, stride0, stri
 
 
 def _tile_configs() -> list:
-    return [triton.Config({"BLOCK_M": bm, "BLOCK_ROWS": br}, num_warps=warps, num_stages=stages)
-            for bm in (16, 32, 64, 128) for br in (16, 32, 64, 128) if bm * br <= 8192
-            for warps, stages in ((4, 2), (4, 3), (8, 3))]
+    """A short list (first compiles and timings cost seconds per config): token tile x weight
+    rows; bitmap configs have 16-row tiles, the others 32 to 128."""
+    tiles = [(bm, 16, 4) for bm in (16, 32, 64, 128)]
+    tiles += [(16, 32, 4), (16, 64, 4), (16, 128, 4), (32, 64, 4), (64, 64, 4), (64, 128, 8), (128, 64, 8)]
+    return [triton.Config({"BLOCK_M": bm, "BLOCK_ROWS": br}, num_warps=warps, num_stages=3) for bm, br, warps in tiles]
 
 
 def prune_tile_configs(configs, named_args, **kwargs) -> list:
@@ -73,9 +76,14 @@ def prune_tile_configs(configs, named_args, **kwargs) -> list:
     return kept or configs[:1]
 
 
+def _quick_bench(kernel_call, quantiles):
+    """Autotuning timer: 5 ms warm-up, 20 ms of repeats per config (triton's default is 25/100)."""
+    return triton.testing.do_bench(kernel_call, warmup=5, rep=20, quantiles=quantiles)
+
+
 def _autotuned(kernel):
     return triton.autotune(configs=_tile_configs(), key=["m_bucket", "n_out", "n_in", "rank", "FORMAT"],
-                           prune_configs_by={"early_config_prune": prune_tile_configs})(kernel)
+                           prune_configs_by={"early_config_prune": prune_tile_configs}, do_bench=_quick_bench)(kernel)
 
 
 def m_bucket(n_tokens: int) -> int:

@@ -100,5 +100,6 @@ def test_autotune_configs_fit_the_format_and_bucket():
     assert decode_bitmap and all(c.kwargs == {"BLOCK_M": 16, "BLOCK_ROWS": 16} for c in decode_bitmap)
     prefill_24 = prune_tile_configs(configs, {"m_bucket": 1024}, FORMAT=FORMAT_IDS["2:4"])
     assert {c.kwargs["BLOCK_M"] for c in prefill_24} == {16, 32, 64, 128}
+    assert all(c.kwargs["BLOCK_M"] == 16 for c in prune_tile_configs(configs, {"m_bucket": 16}, FORMAT=1))
     assert all(c.kwargs["BLOCK_ROWS"] >= 32 and c.kwargs["BLOCK_M"] * c.kwargs["BLOCK_ROWS"] <= 8192
                for c in prefill_24)
