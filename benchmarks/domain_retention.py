@@ -39,6 +39,7 @@ METHODS = {
     "efficientxpert-efx-masked": ({"method": "efficientxpert", "preset": "efx"}, "inside", {"masked_adapter": True}),
     "efficientxpert-efx-hessian": ({"method": "efficientxpert", "preset": "efx", "pbs_hessian": True}, "inside"),
     "efficientxpert-efx-matrix": ({"method": "efficientxpert", "preset": "efx", "granularity": "matrix"}, "inside"),
+    "efficientxpert-efx-obs": ({"method": "efficientxpert", "preset": "efx", "obs_update": True}, "inside"),
     "efficientxpert-efx-reset": ({"method": "efficientxpert", "preset": "efx"}, "inside", {"reset_optimizer": True}),
     "efficientxpert-efx": ({"method": "efficientxpert", "preset": "efx"}, "inside"),
     "efficientxpert-paper": ({"method": "efficientxpert", "preset": "paper"}, "inside"),

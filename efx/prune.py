@@ -54,6 +54,10 @@ class PruneConfig:
     """Limit PBS to the c largest pruned weights of each row."""
     pbs_hessian: bool = False
     """Use Hessian PBS (full E[x x^T]) instead of the diagonal objective."""
+    obs_update: bool = False
+    """efx extension: after the ForeSight mask is chosen, update the kept weights of the merged
+    W + s*B@A with SparseGPT's OBS solver under that mask (full-rank compensation through E[x x^T],
+    where PBS compensates only inside the adapter's row space); replaces PBS."""
     mask_lr: float = 0.5
     """eta of the score memory S_t = eta*I_t + (1-eta)*S_{t-1}."""
     use_memory: bool = True
@@ -209,7 +213,8 @@ def prune(model, calib, config: PruneConfig | None = None, *, memory: PruneMemor
     undo: list[tuple[torch.Tensor, torch.Tensor]] = []
     new_masks: dict[str, np.ndarray] = {}
     generator = torch.Generator().manual_seed(config.seed * 1_000_003 + memory.calls)
-    need_hessian = config.method == "sparsegpt" or (config.run_pbs and config.pbs_hessian)
+    need_hessian = config.method == "sparsegpt" or (config.run_pbs and config.pbs_hessian) or \
+        (config.obs_update and config.method in ("efficientxpert", "foresight"))
 
     def on_block(block, stats):
         for role in roles:
@@ -270,6 +275,9 @@ def _prune_module(arch, block, role, module, stats, config, memory, name, undo, 
             baselines.wanda_score(U, stats.act_sq, stats.tokens)
         keep = select_keep_mask(score, sparsity, config.pattern, config.granularity)
 
+    if merged is None and config.obs_update and config.method in ("efficientxpert", "foresight"):
+        merged, keep = baselines.sparsegpt(U, stats.hessian.to(U.device), sparsity, config.pattern,
+                                           config.sparsegpt_block, config.sparsegpt_damp, keep_mask=keep)
     if merged is None:
         if parts is not None and config.run_pbs:
             A, B, _ = parts

@@ -60,6 +60,8 @@ class RunSettings:
     """PBS keep weight."""
     mask_lr: float = 0.5
     """Score memory eta."""
+    obs_update: bool = False
+    """EfficientXpert: update the kept weights with SparseGPT's OBS solver under the ForeSight mask (replaces PBS)."""
     masked_adapter: bool = False
     """EfficientXpert: keep the adapter delta inside the last mask between pruning calls."""
     lora_r: int = 8
@@ -109,7 +111,7 @@ class RunSettings:
     def prune_config(self) -> PruneConfig:
         return PruneConfig(method=self.method, sparsity=self.sparsity, pattern=self.pattern, preset=self.preset,
                            granularity=self.granularity, pbs_keep_weight=self.pbs_keep_weight,
-                           mask_lr=self.mask_lr, seed=self.seed)
+                           mask_lr=self.mask_lr, obs_update=self.obs_update, seed=self.seed)
 
     def lora(self) -> LoraSettings:
         return LoraSettings(r=self.lora_r, alpha=self.lora_alpha)
