@@ -158,7 +158,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--domains", nargs="+", default=["medical", "legal"])
     parser.add_argument("--sparsities", nargs="+", default=["0.4", "0.5", "2:4"])
-    parser.add_argument("--methods", nargs="*", default=[m for m in METHODS if m not in VARIANTS], help="none: only dense LoRA and the base model")
+    parser.add_argument("--methods", nargs="*", default=[m for m in METHODS if m not in VARIANTS],
+                        help="none: only dense LoRA and the base model")
     parser.add_argument("--seeds", nargs="+", type=int, default=[0])
     parser.add_argument("--output", default="benchmarks/results")
     parser.add_argument("--render", action="store_true", help="only rewrite the .md from the JSON")
