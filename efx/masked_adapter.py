@@ -77,7 +77,8 @@ def attach(arch: ArchMap, masks: dict[str, np.ndarray]) -> int:
                 continue
             weight = base_linear(module).weight
             keep = np.unpackbits(packed, count=weight.numel()).astype(bool).reshape(weight.shape)
-            mask = torch.from_numpy(keep).to(weight.device)
+            # stored in the adapter's dtype once, so the forward multiplies without a conversion
+            mask = torch.from_numpy(keep).to(weight.device, lora_parts(module)[0].dtype)
             module.forward = _masked_forward(module, mask)  # instance attribute: shadows the class forward
             module._efx_mask = mask
             count += 1
