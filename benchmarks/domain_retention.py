@@ -41,6 +41,8 @@ METHODS = {
     "efficientxpert-efx-matrix": ({"method": "efficientxpert", "preset": "efx", "granularity": "matrix"}, "inside"),
     "efficientxpert-efx-obs": ({"method": "efficientxpert", "preset": "efx", "obs_update": True}, "inside"),
     "efficientxpert-efx-reset": ({"method": "efficientxpert", "preset": "efx"}, "inside", {"reset_optimizer": True}),
+    "efficientxpert-efx-trainstats": ({"method": "efficientxpert", "preset": "efx"}, "inside",
+                                      {"statistics": "training"}),
     "efficientxpert-efx": ({"method": "efficientxpert", "preset": "efx"}, "inside"),
     "efficientxpert-paper": ({"method": "efficientxpert", "preset": "paper"}, "inside"),
     "foresight": ({"method": "foresight", "preset": "efx"}, "inside"),

@@ -1,10 +1,13 @@
 """Overhead of EfficientXpert over plain LoRA training: the same model, data, budget and seed,
 each run in its own process (so peak memory is not polluted by the other), alternating order.
 
-    python benchmarks/overhead.py [--domain medical] [--repeats 2] [--output benchmarks/results]
+    python benchmarks/overhead.py [--domain medical] [--repeats 2] [--kinds efficientxpert ...]
+        [--output benchmarks/results]
 
+Kinds: "efficientxpert" (each pruning call runs its calibration pass) and
+"efficientxpert-trainstats" (statistics recorded during training, no extra forward).
 Writes overhead.json: per run the training wall time and peak RSS, the pruning time of every
-call, and the ratios EfficientXpert / LoRA (targets: time <= 1.05, memory <= 1.01).
+call, and per kind the ratios EfficientXpert / LoRA (targets: time <= 1.05, memory <= 1.01).
 """
 from __future__ import annotations
 
@@ -14,6 +17,8 @@ import statistics
 import subprocess
 import sys
 from pathlib import Path
+
+KINDS = {"efficientxpert": "calibration", "efficientxpert-trainstats": "training"}  # kind -> statistics
 
 
 def child(kind: str, domain: str) -> None:
@@ -31,9 +36,9 @@ def child(kind: str, domain: str) -> None:
     model, tok = load_model()
     suite = load_suite(domain)
     callbacks, calls = [], []
-    if kind == "efficientxpert":
+    if kind != "lora":
         calib = calibration_batches(tok, suite.train, n=settings.calib, seed=settings.seed, system=suite.system)
-        callbacks = [EfficientXpertCallback(calib, settings.prune_config())]
+        callbacks = [EfficientXpertCallback(calib, settings.prune_config(), statistics=KINDS[kind])]
     record: dict = {}
     with measure(record, "train"):
         train_lora(model, tok, suite.train, lora=settings.lora(), training=settings.training(), callbacks=callbacks,
@@ -48,6 +53,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--domain", default="medical")
     parser.add_argument("--repeats", type=int, default=2)
+    parser.add_argument("--kinds", nargs="+", default=list(KINDS), choices=list(KINDS))
     parser.add_argument("--output", default="benchmarks/results")
     parser.add_argument("--child", default=None, help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -59,8 +65,8 @@ def main() -> None:
     from efx.run import RunSettings
     runs = []
     for i in range(args.repeats):
-        order = ("lora", "efficientxpert") if i % 2 == 0 else ("efficientxpert", "lora")
-        for kind in order:
+        order = ["lora", *args.kinds]
+        for kind in order if i % 2 == 0 else reversed(order):
             out = subprocess.run([sys.executable, __file__, "--child", kind, "--domain", args.domain],
                                  capture_output=True, text=True, check=True).stdout
             runs.append(json.loads(next(line for line in out.splitlines() if line.startswith("RESULT "))[7:]))
@@ -69,18 +75,19 @@ def main() -> None:
     def med(kind, field):
         return statistics.median(r[field] for r in runs if r["kind"] == kind)
 
-    calls = [c for r in runs if r["kind"] == "efficientxpert" for c in r["calls"]]
-    lora_time = med("lora", "seconds")
-    result = {
-        "benchmark": "overhead", "domain": args.domain, "settings": RunSettings(domain=args.domain).__dict__,
-        "runs": runs, "time_ratio": med("efficientxpert", "seconds") / lora_time,
-        "memory_ratio": med("efficientxpert", "peak_rss_mb") / med("lora", "peak_rss_mb"),
-        "process_memory_ratio": med("efficientxpert", "process_max_rss_mb") / med("lora", "process_max_rss_mb"),
-        "pruning_seconds_per_call": statistics.median(c["seconds"] for c in calls) if calls else None,
-        "lora_train_seconds": lora_time, "versions": versions(), "command": " ".join(["python"] + sys.argv)}
+    def ratios(kind):
+        calls = [c["seconds"] for r in runs if r["kind"] == kind for c in r["calls"]]
+        return {"time_ratio": med(kind, "seconds") / med("lora", "seconds"),
+                "memory_ratio": med(kind, "peak_rss_mb") / med("lora", "peak_rss_mb"),
+                "process_memory_ratio": med(kind, "process_max_rss_mb") / med("lora", "process_max_rss_mb"),
+                "pruning_seconds_per_call": statistics.median(calls), "train_seconds": med(kind, "seconds")}
+
+    result = {"benchmark": "overhead", "domain": args.domain, "settings": RunSettings(domain=args.domain).__dict__,
+              "runs": runs, "lora_train_seconds": med("lora", "seconds"),
+              "kinds": {kind: ratios(kind) for kind in args.kinds}, "versions": versions(),
+              "command": " ".join(["python"] + sys.argv)}
     atomic_write_text(Path(args.output) / "overhead.json", json.dumps(result, indent=2))
-    print(json.dumps({k: result[k] for k in ("time_ratio", "memory_ratio", "process_memory_ratio",
-                                              "pruning_seconds_per_call", "lora_train_seconds")}))
+    print(json.dumps({"lora_train_seconds": result["lora_train_seconds"], **result["kinds"]}))
 
 
 if __name__ == "__main__":

@@ -109,7 +109,7 @@ def _run_block(block, hidden, kwargs):
     return out[0] if isinstance(out, tuple) else out
 
 
-def _all_reduce(stats: dict[str, ModuleStats]) -> None:
+def all_reduce_stats(stats: dict[str, ModuleStats]) -> None:
     """Sum statistics over ranks so every rank scores, and masks, identically."""
     if not (torch.distributed.is_available() and torch.distributed.is_initialized()):
         return
@@ -138,7 +138,7 @@ def calibrate(model, arch: ArchMap, calib, on_block: Callable[[BlockMap, dict[st
         states = capture_block_inputs(model, arch.blocks[0].block, batches)
         for block_map in tqdm(arch.blocks, desc=desc, leave=False, unit="block"):
             stats = _collect(block_map, states, batches, hessian)
-            _all_reduce(stats)
+            all_reduce_stats(stats)
             on_block(block_map, stats)
             states = [(_run_block(block_map.block, hidden, kwargs), kwargs) for hidden, kwargs in states]
             del stats
@@ -177,12 +177,17 @@ def _collect(block_map: BlockMap, states, batches: list[CalibBatch], hessian: bo
     finally:
         for handle in handles:
             handle.remove()
-    for role, s in stats.items():
-        # a NaN or Inf among the inputs makes their sum of squares non-finite: one check per target
-        if not torch.isfinite(s.sq_sum).all():
-            raise FloatingPointError(f"non-finite activations entering {block_map.qualified(role)}")
-    for role, module in block_map.targets.items():
-        if role not in stats:
-            n = base_linear(module).in_features
-            raise RuntimeError(f"{block_map.qualified(role)} (in_features {n}) saw no input during calibration")
+    check_stats(block_map, stats, "during calibration")
     return stats
+
+
+def check_stats(block_map: BlockMap, stats: dict[str, ModuleStats], where: str) -> None:
+    """Raise if a target's statistics hold NaN or Inf (one check of the sum of squares: a single
+    non-finite input makes it non-finite) or if a target saw no input."""
+    for role, s in stats.items():
+        if not torch.isfinite(s.sq_sum).all():
+            raise FloatingPointError(f"non-finite activations entering {block_map.qualified(role)} {where}")
+    for role, module in block_map.targets.items():
+        if role not in stats or stats[role].tokens == 0:
+            n = base_linear(module).in_features
+            raise RuntimeError(f"{block_map.qualified(role)} (in_features {n}) saw no input {where}")

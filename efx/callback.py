@@ -8,10 +8,13 @@ from dataclasses import replace
 from transformers import TrainerCallback
 
 from efx import masked_adapter
+from efx.activation_recorder import ActivationRecorder
 from efx.arch import architecture_map
 from efx.prune import PruneConfig, PruneMemory, prune
 
 log = logging.getLogger(__name__)
+
+STATISTICS = ("calibration", "training")
 
 
 class EfficientXpertCallback(TrainerCallback):
@@ -23,7 +26,7 @@ class EfficientXpertCallback(TrainerCallback):
     sparse (the adapter is reset to B = 0; `merge_and_unload()` then yields the plain model).
 
     Args:
-        calib: calibration data (see `efx.prune`).
+        calib: calibration data (see `efx.prune`); may be None with statistics="training".
         config: the pruning settings of the intermediate calls.
         schedule: "epoch" or "steps".
         every_steps: interval of the "steps" schedule.
@@ -31,28 +34,44 @@ class EfficientXpertCallback(TrainerCallback):
         masked_adapter: between calls, mask the adapter delta with the last call's keep-masks, so
             the effective weight stays sparse while training and the final call loses nothing
             (see `efx.masked_adapter`; the authors leave the delta dense).
+        statistics: "calibration" (each call runs the sequential calibration pass of method.md
+            section 2) or "training" (each call uses the activation statistics recorded during
+            the training forwards since the previous call: no extra forward pass, see
+            `efx.activation_recorder`; not for methods that need the Hessian).
     """
 
     def __init__(self, calib, config: PruneConfig | None = None, *, schedule: str = "epoch",
-                 every_steps: int | None = None, reset_optimizer: bool = False, masked_adapter: bool = False):
+                 every_steps: int | None = None, reset_optimizer: bool = False, masked_adapter: bool = False,
+                 statistics: str = "calibration"):
         if schedule not in ("epoch", "steps"):
             raise ValueError(f"schedule {schedule!r}: expected 'epoch' or 'steps'")
         if schedule == "steps" and not every_steps:
             raise ValueError("schedule 'steps' needs every_steps > 0")
+        if statistics not in STATISTICS:
+            raise ValueError(f"statistics {statistics!r}: expected one of {STATISTICS}")
+        if statistics == "calibration" and calib is None:
+            raise ValueError("statistics 'calibration' needs calibration data (calib is None)")
         self.calib = calib
         self.config = config or PruneConfig()
         self.config.validate()
+        if statistics == "training" and self.config.needs_hessian:
+            raise ValueError(f"statistics 'training' records no Hessian E[x x^T], which method "
+                             f"{self.config.method!r} with these options needs")
         self.schedule = schedule
         self.every_steps = every_steps
         self.reset_optimizer = reset_optimizer
         self.masked_adapter = masked_adapter
+        self.statistics = statistics
+        self.recorder: ActivationRecorder | None = None
         self.memory = PruneMemory()
         self.reports: list[dict] = []
 
     def _call(self, model, optimizer, config: PruneConfig, when: str, final: bool = False) -> None:
         arch = architecture_map(model)
         masked_adapter.fold(arch)  # no-op unless the adapter is masked
-        report = prune(model, self.calib, config, memory=self.memory)
+        report = prune(model, self.calib, config, memory=self.memory, recorded=self.recorder)
+        if self.recorder is not None:
+            self.recorder.reset()
         if self.masked_adapter and not final:
             masked_adapter.attach(arch, self.memory.masks)
         entry = report.to_dict()
@@ -61,6 +80,12 @@ class EfficientXpertCallback(TrainerCallback):
         if self.reset_optimizer and optimizer is not None:
             optimizer.state.clear()
         model.train()
+
+    def on_train_begin(self, args, state, control, model=None, **kwargs):
+        if self.statistics == "training":
+            if self.recorder is not None:
+                self.recorder.remove()
+            self.recorder = ActivationRecorder(model)
 
     def on_epoch_begin(self, args, state, control, model=None, optimizer=None, **kwargs):
         if self.schedule == "epoch" and state.epoch is not None and round(state.epoch) >= 1:
@@ -73,5 +98,10 @@ class EfficientXpertCallback(TrainerCallback):
 
     def on_train_end(self, args, state, control, model=None, optimizer=None, **kwargs):
         final = replace(self.config, pbs=False, use_memory=False)
-        self._call(model, optimizer, final, "train end", final=True)
+        try:
+            self._call(model, optimizer, final, "train end", final=True)
+        finally:
+            if self.recorder is not None:
+                self.recorder.remove()
+                self.recorder = None
         model.eval()

@@ -77,6 +77,12 @@ class PruneConfig:
     def run_pbs(self) -> bool:
         return self.method == "efficientxpert" if self.pbs is None else self.pbs
 
+    @property
+    def needs_hessian(self) -> bool:
+        """True when the call needs E[x x^T] (SparseGPT, Hessian PBS, the OBS update)."""
+        return self.method == "sparsegpt" or (self.run_pbs and self.pbs_hessian) or \
+            (self.obs_update and self.method in ("efficientxpert", "foresight"))
+
     def validate(self) -> None:
         """Raise ValueError naming the first bad setting."""
         if self.method not in METHODS:
@@ -191,14 +197,18 @@ def _overlap(previous: np.ndarray | None, keep: torch.Tensor) -> float | None:
 
 
 @torch.no_grad()
-def prune(model, calib, config: PruneConfig | None = None, *, memory: PruneMemory | None = None) -> PruneReport:
+def prune(model, calib, config: PruneConfig | None = None, *, memory: PruneMemory | None = None,
+          recorded=None) -> PruneReport:
     """Prune every target of `model` (plain or peft-wrapped) to `config.sparsity`.
 
     Args:
         model: a causal LM of a mapped architecture, with or without a LoRA adapter.
-        calib: (N, T) token ids, or an iterable of batches with `input_ids` and `attention_mask`.
+        calib: (N, T) token ids, or an iterable of batches with `input_ids` and `attention_mask`;
+            None with `recorded`.
         config: the call's settings.
         memory: carried between the calls of a schedule (score memory, previous masks).
+        recorded: an `efx.activation_recorder.ActivationRecorder` attached to `model`: take the
+            statistics it recorded during training instead of running a calibration pass.
     Returns:
         PruneReport with per-module sparsity, overlap with the previous call's mask, and timings.
     """
@@ -207,14 +217,19 @@ def prune(model, calib, config: PruneConfig | None = None, *, memory: PruneMemor
     arch = architecture_map(model)
     roles = _selected_roles(arch, config.targets)
     _preflight(arch, roles, config)
-    batches = as_batches(calib, config.calib_batch_size)
+    need_hessian = config.needs_hessian
+    if recorded is None:
+        batches = as_batches(calib, config.calib_batch_size)
+    elif need_hessian:
+        raise ValueError("statistics recorded during training hold no Hessian E[x x^T], which "
+                         f"method {config.method!r} with these options needs: use a calibration pass")
+    elif recorded.tokens == 0:
+        raise ValueError("the activation recorder holds no statistics: no training forward ran since its last reset")
     memory = memory if memory is not None else PruneMemory()
     report = PruneReport(config=asdict(config), call=memory.calls + 1)
     undo: list[tuple[torch.Tensor, torch.Tensor]] = []
     new_masks: dict[str, np.ndarray] = {}
     generator = torch.Generator().manual_seed(config.seed * 1_000_003 + memory.calls)
-    need_hessian = config.method == "sparsegpt" or (config.run_pbs and config.pbs_hessian) or \
-        (config.obs_update and config.method in ("efficientxpert", "foresight"))
 
     def on_block(block, stats):
         for role in roles:
@@ -227,8 +242,12 @@ def prune(model, calib, config: PruneConfig | None = None, *, memory: PruneMemor
 
     started = time.perf_counter()
     try:
-        calibrate(model, arch, batches, on_block, hessian=need_hessian, batch_size=config.calib_batch_size,
-                  desc=f"pruning ({config.method})")
+        if recorded is None:
+            calibrate(model, arch, batches, on_block, hessian=need_hessian, batch_size=config.calib_batch_size,
+                      desc=f"pruning ({config.method})")
+        else:
+            for block in arch.blocks:
+                on_block(block, recorded.block_stats(block))
     except BaseException:
         for target, saved in reversed(undo):
             target.copy_(saved.to(target.device))

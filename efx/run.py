@@ -23,6 +23,7 @@ from efx.measure import measure
 from efx.models import load_model
 from efx.pipelines import calibration_batches, prune_and_adapt, unload
 from efx.prune import METHODS, PruneConfig
+from efx.callback import STATISTICS
 from efx.checkpoint import save_sparse
 from efx.report import sparsity_audit, versions, write_report
 from efx.sparse_linear import SparseLoRALinear, to_sparse_lora
@@ -64,6 +65,9 @@ class RunSettings:
     """EfficientXpert: update the kept weights with SparseGPT's OBS solver under the ForeSight mask (replaces PBS)."""
     masked_adapter: bool = False
     """EfficientXpert: keep the adapter delta inside the last mask between pruning calls."""
+    statistics: str = "calibration"
+    """EfficientXpert/ForeSight activation statistics: calibration (a calibration pass per pruning call) or
+    training (recorded during the training forwards: no extra forward pass)."""
     lora_r: int = 8
     """LoRA rank."""
     lora_alpha: float = 16.0
@@ -103,8 +107,14 @@ class RunSettings:
         for name in ("n_examples", "batch_size", "calib", "lora_r"):
             if getattr(self, name) <= 0:
                 raise ValueError(f"--{name.replace('_', '-')} must be positive")
+        if self.statistics not in STATISTICS:
+            raise ValueError(f"--statistics {self.statistics!r}: expected one of {STATISTICS}")
+        if self.statistics == "training" and self.method not in ("efficientxpert", "foresight"):
+            raise ValueError("--statistics training applies to efficientxpert and foresight (pruning inside training)")
         if self.method != "dense":
             self.prune_config().validate()
+        if self.statistics == "training" and self.method != "dense" and self.prune_config().needs_hessian:
+            raise ValueError("--statistics training records no Hessian, which --obs-update needs")
         if self.domain not in ("medical", "legal") and not Path(self.domain).exists():
             raise ValueError(f"--domain {self.domain!r}: expected medical, legal or an existing path")
 
@@ -253,7 +263,8 @@ def _train_expert(model, tokenizer, suite, settings: RunSettings, output: Path) 
             model, report = prune_and_adapt(model, tokenizer, suite.train, prune=settings.prune_config(),
                                             lora=settings.lora(), training=settings.training(), pipeline=pipeline,
                                             calib=calib, system=suite.system,
-                                            callback_kwargs={"masked_adapter": settings.masked_adapter})
+                                            callback_kwargs={"masked_adapter": settings.masked_adapter,
+                                                             "statistics": settings.statistics})
         calls = report["calls"]
     with atomic_folder(output / "expert", overwrite=True) as folder:
         model.save_pretrained(folder)

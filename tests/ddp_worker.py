@@ -17,15 +17,16 @@ from efx.prune import PruneConfig  # noqa: E402
 from efx.training import TrainSettings, train_lora  # noqa: E402
 
 
-def main(out_dir: str) -> None:
+def main(out_dir: str, statistics: str) -> None:
     rank = int(os.environ["RANK"])
     tok = char_tokenizer()
     model = tiny_model("llama", vocab_size=256)
     words = ["alpha", "beta", "gamma", "delta", "epsilon", "zeta", "eta", "theta"]
     examples = [{"prompt": f"say {w}", "completion": w} for w in words] * 2
-    # each rank calibrates on its own shard: only the all-reduce makes their masks agree
+    # each rank calibrates (or, with statistics "training", trains) on its own shard: only the
+    # all-reduce makes their masks agree
     calib = calibration_batches(tok, examples[rank::2], n=4, seed=rank)
-    callback = EfficientXpertCallback(calib, PruneConfig(sparsity=0.5))
+    callback = EfficientXpertCallback(calib, PruneConfig(sparsity=0.5), statistics=statistics)
     settings = TrainSettings(epochs=3, n_examples=0, batch_size=4, learning_rate=1e-2,
                              extra_args={"ddp_backend": "gloo"})
     model, _ = train_lora(model, tok, examples, training=settings, callbacks=[callback])
@@ -44,4 +45,4 @@ def main(out_dir: str) -> None:
 
 
 if __name__ == "__main__":
-    main(sys.argv[1])
+    main(sys.argv[1], sys.argv[2])

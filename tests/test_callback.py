@@ -64,10 +64,11 @@ def test_bad_schedule():
 
 
 @pytest.mark.ddp
-def test_two_process_ddp_gives_identical_masks(tmp_path):
+@pytest.mark.parametrize("statistics", ["calibration", "training"])
+def test_two_process_ddp_gives_identical_masks(tmp_path, statistics):
     env = dict(os.environ, OMP_NUM_THREADS="1", EFX_KERNELS="torch")
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_port=29517",
-           os.path.join(os.path.dirname(__file__), "ddp_worker.py"), str(tmp_path)]
+           os.path.join(os.path.dirname(__file__), "ddp_worker.py"), str(tmp_path), statistics]
     done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr[-3000:]
     ranks = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1)]

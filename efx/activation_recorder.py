@@ -1,0 +1,85 @@
+"""Activation statistics recorded from the training forwards themselves (efx option).
+
+A pruning call normally runs its own calibration pass (`efx.calibration`): two forwards of
+every block over the calibration set, which is most of a call's time. Inside LoRA training the
+model already sees thousands of domain tokens per epoch; `ActivationRecorder` accumulates each
+target's `sum x_j^2` (padding excluded) during those forwards, so a call can score and run PBS
+with no forward pass at all.
+
+What changes against the sequential pass: the statistics are those of the epoch just trained
+(the model under the previous call's mask, averaged over the epoch's weight updates) instead of
+the current weights with this call's pruned outputs propagated block by block. Only the
+diagonal statistic is recorded (E[x x^T] per step would cost as much as the layer itself), so
+methods that need the Hessian keep the calibration pass.
+"""
+from __future__ import annotations
+
+import torch
+
+import efx_kernels
+from efx.arch import ArchMap, BlockMap, architecture_map, unwrap
+from efx.calibration import ModuleStats, all_reduce_stats, check_stats
+
+
+class ActivationRecorder:
+    """Forward pre-hooks on every target of `model` that add the inputs of training-mode
+    forwards (`module.training`) to per-target sums. Evaluation and calibration forwards (eval
+    mode) are not counted. Use `block_stats` for a pruning call, `reset` to start a new window,
+    `remove` to detach."""
+
+    def __init__(self, model):
+        self.arch: ArchMap = architecture_map(model)
+        self.sums: dict[str, ModuleStats] = {}
+        self._mask: torch.Tensor | None = None
+        self._handles = []
+        inner = unwrap(model)
+        body = getattr(inner, getattr(inner, "base_model_prefix", ""), None)
+        for owner in {id(m): m for m in (model, inner, body) if isinstance(m, torch.nn.Module)}.values():
+            self._handles.append(owner.register_forward_pre_hook(self._remember_mask, with_kwargs=True))
+        for block in self.arch.blocks:
+            for role, module in block.targets.items():
+                self._handles.append(module.register_forward_pre_hook(self._hook_for(block.qualified(role))))
+
+    def _remember_mask(self, module, args, kwargs):
+        self._mask = kwargs.get("attention_mask")
+
+    def _hook_for(self, name: str):
+        def hook(module, args):
+            if not module.training:
+                return
+            x = args[0].detach()
+            mask = self._mask
+            if mask is not None and (mask.dim() != 2 or tuple(mask.shape) != tuple(x.shape[:-1])):
+                mask = None  # not the (batch, tokens) padding mask of this input
+            s = self.sums.get(name)
+            if s is None:
+                s = self.sums[name] = ModuleStats(torch.zeros(x.shape[-1], dtype=torch.float32, device=x.device))
+            with torch.no_grad():
+                s.tokens += efx_kernels.accumulate_act_sq(x, s.sq_sum, mask)
+            s.sequences += x.shape[0] if x.dim() > 2 else 1
+        return hook
+
+    @property
+    def tokens(self) -> int:
+        """Tokens recorded per target since the last reset (the largest count over targets)."""
+        return max((s.tokens for s in self.sums.values()), default=0)
+
+    def block_stats(self, block: BlockMap) -> dict[str, ModuleStats]:
+        """The recorded statistics of one block's targets, keyed by role: copies, summed over the
+        ranks of a distributed job, checked finite and non-empty."""
+        stats = {}
+        for role in block.targets:
+            s = self.sums.get(block.qualified(role))
+            if s is not None:
+                stats[role] = ModuleStats(s.sq_sum.clone(), s.tokens, s.sequences)
+        all_reduce_stats(stats)
+        check_stats(block, stats, "during training")
+        return stats
+
+    def reset(self) -> None:
+        self.sums.clear()
+
+    def remove(self) -> None:
+        for handle in self._handles:
+            handle.remove()
+        self._handles.clear()

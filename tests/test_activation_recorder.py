@@ -1,0 +1,128 @@
+"""Statistics recorded from training forwards: they equal the calibration pass's statistics of
+the same unpruned model and data, only training-mode forwards count, a pruning call can use them
+with no forward pass of its own, and the callback option ends exactly sparse."""
+import importlib
+
+import pytest
+import torch
+
+from conftest import char_tokenizer, tiny_model
+from efx.activation_recorder import ActivationRecorder
+from efx.arch import architecture_map, base_linear
+from efx.calibration import calibrate
+from efx.callback import EfficientXpertCallback
+from efx.pipelines import unload
+from efx.prune import PruneConfig, prune
+from efx.training import LoraSettings, TrainSettings, add_lora, train_lora
+from test_calibration_and_prune import padded_calib
+
+PRUNE_MODULE = importlib.import_module("efx.prune")  # `efx.prune` the attribute is the function
+EXAMPLES = [{"prompt": f"say {w}", "completion": w} for w in ("alpha", "beta", "gamma", "delta")] * 4
+
+
+def lora_model(seed=0):
+    model = add_lora(tiny_model("llama", seed=seed), LoraSettings(r=4, dropout=0.0))
+    gen = torch.Generator().manual_seed(seed + 1)
+    for name, p in model.named_parameters():
+        if "lora_B" in name:
+            p.data = torch.randn(p.shape, generator=gen) * 0.1
+    return model
+
+
+def record(model, batches, train=True):
+    recorder = ActivationRecorder(model)
+    model.train(train)
+    with torch.no_grad():
+        for b in batches:
+            model(**b)
+    model.eval()
+    return recorder
+
+
+def test_recorded_statistics_equal_the_calibration_pass_without_pruning():
+    model = lora_model()
+    batches = padded_calib()
+    recorder = record(model, batches)
+    arch = architecture_map(model)
+    seen = {}
+    calibrate(model, arch, batches, lambda block, stats: seen.setdefault(block.index, stats))  # prunes nothing
+    tokens = sum(int(b["attention_mask"].sum()) for b in batches)
+    for block in arch.blocks:
+        got = recorder.block_stats(block)
+        assert set(got) == set(block.targets)
+        for role, s in got.items():
+            assert s.tokens == tokens and s.sequences == 6
+            torch.testing.assert_close(s.act_sq, seen[block.index][role].act_sq, rtol=1e-5, atol=1e-7)
+    recorder.remove()
+
+
+def test_only_training_forwards_count_and_reset_and_remove():
+    model = lora_model()
+    recorder = record(model, padded_calib(), train=False)
+    assert recorder.tokens == 0
+    model.train()
+    with torch.no_grad():
+        model(**padded_calib()[0])
+    assert recorder.tokens == int(padded_calib()[0]["attention_mask"].sum())
+    recorder.reset()
+    assert recorder.tokens == 0
+    recorder.remove()
+    with torch.no_grad():
+        model(**padded_calib()[0])
+    assert recorder.tokens == 0
+
+
+def test_prune_from_recorded_statistics_runs_no_forward(monkeypatch):
+    model = lora_model()
+    recorder = record(model, padded_calib())
+    reference = lora_model()
+    expected = prune(reference, padded_calib(), PruneConfig(sparsity=0.5, targets=("q", "k", "v")))
+
+    def no_forward(*args, **kwargs):
+        raise AssertionError("a calibration pass ran")
+
+    monkeypatch.setattr(PRUNE_MODULE, "calibrate", no_forward)
+    report = prune(model, None, PruneConfig(sparsity=0.5, targets=("q", "k", "v")), recorded=recorder)
+    assert report.sparsity == pytest.approx(0.5)
+    # block 0 sees the same inputs either way (later blocks differ: the calibration pass feeds them
+    # the pruned outputs of block 0), so its masks and weights are identical
+    arch, ref_arch = architecture_map(model), architecture_map(reference)
+    for role in ("q", "k", "v"):
+        torch.testing.assert_close(base_linear(arch.blocks[0].targets[role]).weight,
+                                   base_linear(ref_arch.blocks[0].targets[role]).weight, rtol=1e-5, atol=1e-6)
+    assert expected.modules.keys() == report.modules.keys()
+    recorder.remove()
+
+
+def test_recorded_statistics_refuse_hessian_methods_and_empty_windows():
+    model = lora_model()
+    recorder = ActivationRecorder(model)
+    before = [p.detach().clone() for p in model.parameters()]
+    with pytest.raises(ValueError, match="no training forward"):
+        prune(model, None, PruneConfig(), recorded=recorder)
+    for config in (PruneConfig(method="sparsegpt"), PruneConfig(obs_update=True), PruneConfig(pbs_hessian=True)):
+        with pytest.raises(ValueError, match="Hessian"):
+            prune(model, None, config, recorded=recorder)
+        with pytest.raises(ValueError, match="Hessian"):
+            EfficientXpertCallback(None, config, statistics="training")
+    assert all(torch.equal(a, b) for a, b in zip(before, model.parameters()))
+    with pytest.raises(ValueError, match="needs calibration data"):
+        EfficientXpertCallback(None)
+    with pytest.raises(ValueError, match="statistics 'weights'"):
+        EfficientXpertCallback(None, statistics="weights")
+    recorder.remove()
+
+
+def test_callback_with_training_statistics_ends_exactly_sparse(monkeypatch):
+    tok = char_tokenizer()
+    model = tiny_model("llama", vocab_size=256)
+    monkeypatch.setattr(PRUNE_MODULE, "calibrate", lambda *a, **k: pytest.fail("a calibration pass ran"))
+    callback = EfficientXpertCallback(None, PruneConfig(sparsity=0.5), statistics="training")
+    settings = TrainSettings(epochs=3, n_examples=0, batch_size=8, learning_rate=1e-2)
+    model, _ = train_lora(model, tok, EXAMPLES, training=settings, callbacks=[callback])
+    assert [c["when"] for c in callback.reports] == ["epoch 2 start", "epoch 3 start", "train end"]
+    assert callback.recorder is None
+    merged = unload(model)
+    weights = [base_linear(m).weight for b in architecture_map(merged).blocks for m in b.targets.values()]
+    assert sum(int((w == 0).sum()) for w in weights) == sum(w.numel() for w in weights) // 2
+    assert not any(m._forward_pre_hooks for m in merged.modules())  # every hook removed
