@@ -43,6 +43,8 @@ METHODS = {
     "efficientxpert-efx-reset": ({"method": "efficientxpert", "preset": "efx"}, "inside", {"reset_optimizer": True}),
     "efficientxpert-efx-trainstats": ({"method": "efficientxpert", "preset": "efx"}, "inside",
                                       {"statistics": "training"}),
+    "efficientxpert-efx-early": ({"method": "efficientxpert", "preset": "efx"}, "inside",
+                                 {"prune_at_start": True, "masked_adapter": True}),
     "efficientxpert-efx": ({"method": "efficientxpert", "preset": "efx"}, "inside"),
     "efficientxpert-paper": ({"method": "efficientxpert", "preset": "paper"}, "inside"),
     "foresight": ({"method": "foresight", "preset": "efx"}, "inside"),

@@ -38,11 +38,14 @@ class EfficientXpertCallback(TrainerCallback):
             section 2) or "training" (each call uses the activation statistics recorded during
             the training forwards since the previous call: no extra forward pass, see
             `efx.activation_recorder`; not for methods that need the Hessian).
+        prune_at_start: also prune once before the first step (efx option), so that the whole
+            LoRA budget trains on the sparse base; that call runs the calibration pass (nothing is
+            recorded yet), so it needs `calib` whatever `statistics` is.
     """
 
     def __init__(self, calib, config: PruneConfig | None = None, *, schedule: str = "epoch",
                  every_steps: int | None = None, reset_optimizer: bool = False, masked_adapter: bool = False,
-                 statistics: str = "calibration"):
+                 statistics: str = "calibration", prune_at_start: bool = False):
         if schedule not in ("epoch", "steps"):
             raise ValueError(f"schedule {schedule!r}: expected 'epoch' or 'steps'")
         if schedule == "steps" and not every_steps:
@@ -51,6 +54,8 @@ class EfficientXpertCallback(TrainerCallback):
             raise ValueError(f"statistics {statistics!r}: expected one of {STATISTICS}")
         if statistics == "calibration" and calib is None:
             raise ValueError("statistics 'calibration' needs calibration data (calib is None)")
+        if prune_at_start and calib is None:
+            raise ValueError("prune_at_start needs calibration data: no statistics are recorded before the first step")
         self.calib = calib
         self.config = config or PruneConfig()
         self.config.validate()
@@ -62,6 +67,7 @@ class EfficientXpertCallback(TrainerCallback):
         self.reset_optimizer = reset_optimizer
         self.masked_adapter = masked_adapter
         self.statistics = statistics
+        self.prune_at_start = prune_at_start
         self.recorder: ActivationRecorder | None = None
         self.memory = PruneMemory()
         self.reports: list[dict] = []
@@ -69,7 +75,8 @@ class EfficientXpertCallback(TrainerCallback):
     def _call(self, model, optimizer, config: PruneConfig, when: str, final: bool = False) -> None:
         arch = architecture_map(model)
         masked_adapter.fold(arch)  # no-op unless the adapter is masked
-        report = prune(model, self.calib, config, memory=self.memory, recorded=self.recorder)
+        recorded = self.recorder if self.recorder is not None and self.recorder.tokens else None
+        report = prune(model, self.calib, config, memory=self.memory, recorded=recorded)
         if self.recorder is not None:
             self.recorder.reset()
         if self.masked_adapter and not final:
@@ -86,6 +93,8 @@ class EfficientXpertCallback(TrainerCallback):
             if self.recorder is not None:
                 self.recorder.remove()
             self.recorder = ActivationRecorder(model)
+        if self.prune_at_start:
+            self._call(model, None, self.config, "train start")
 
     def on_epoch_begin(self, args, state, control, model=None, optimizer=None, **kwargs):
         if self.schedule == "epoch" and state.epoch is not None and round(state.epoch) >= 1:

@@ -219,6 +219,8 @@ def prune(model, calib, config: PruneConfig | None = None, *, memory: PruneMemor
     _preflight(arch, roles, config)
     need_hessian = config.needs_hessian
     if recorded is None:
+        if calib is None:
+            raise ValueError("no calibration data (calib is None) and no recorded statistics")
         batches = as_batches(calib, config.calib_batch_size)
     elif need_hessian:
         raise ValueError("statistics recorded during training hold no Hessian E[x x^T], which "

@@ -65,6 +65,8 @@ class RunSettings:
     """EfficientXpert: update the kept weights with SparseGPT's OBS solver under the ForeSight mask (replaces PBS)."""
     masked_adapter: bool = False
     """EfficientXpert: keep the adapter delta inside the last mask between pruning calls."""
+    prune_at_start: bool = False
+    """EfficientXpert: also prune before the first training step, so the whole budget trains on the sparse base."""
     statistics: str = "calibration"
     """EfficientXpert/ForeSight activation statistics: calibration (a calibration pass per pruning call) or
     training (recorded during the training forwards: no extra forward pass)."""
@@ -264,7 +266,8 @@ def _train_expert(model, tokenizer, suite, settings: RunSettings, output: Path) 
                                             lora=settings.lora(), training=settings.training(), pipeline=pipeline,
                                             calib=calib, system=suite.system,
                                             callback_kwargs={"masked_adapter": settings.masked_adapter,
-                                                             "statistics": settings.statistics})
+                                                             "statistics": settings.statistics,
+                                                             "prune_at_start": settings.prune_at_start})
         calls = report["calls"]
     with atomic_folder(output / "expert", overwrite=True) as folder:
         model.save_pretrained(folder)

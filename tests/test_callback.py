@@ -6,6 +6,7 @@ import subprocess
 import sys
 
 import pytest
+import torch
 
 from conftest import char_tokenizer, tiny_model
 from efx.arch import architecture_map, base_linear
@@ -39,6 +40,43 @@ def test_epoch_schedule_ends_merged_and_exactly_sparse(tmp_path, pattern, expect
     merged.save_pretrained(tmp_path)
     reloaded = AutoModelForCausalLM.from_pretrained(tmp_path)
     assert target_sparsity(reloaded) == pytest.approx(expected, abs=1e-9)
+
+
+def test_prune_at_start_keeps_the_mask_through_training(monkeypatch):
+    import numpy as np
+
+    import efx.callback as callback_module
+    from efx.arch import effective_weight
+    tok = char_tokenizer()
+    calib = calibration_batches(tok, EXAMPLES, n=8)
+    callback = EfficientXpertCallback(calib, PruneConfig(sparsity=0.5), prune_at_start=True, masked_adapter=True,
+                                      statistics="training")
+    outside = []
+
+    def checked_prune(model, *args, **kwargs):
+        # every call after the first finds the effective weights W + s*B@A inside the last masks
+        for block in architecture_map(model).blocks:
+            for role, module in block.targets.items():
+                packed = callback.memory.masks.get(block.qualified(role))
+                if packed is not None:
+                    u = effective_weight(module)
+                    keep = np.unpackbits(packed, count=u.numel()).astype(bool).reshape(u.shape)
+                    outside.append(float(u[~torch.from_numpy(keep)].abs().max()))
+        return real_prune(model, *args, **kwargs)
+
+    real_prune = callback_module.prune
+    monkeypatch.setattr(callback_module, "prune", checked_prune)
+    settings = TrainSettings(epochs=2, n_examples=0, batch_size=8, learning_rate=1e-2)
+    model, _ = train_lora(tiny_model("llama", vocab_size=256), tok, EXAMPLES, training=settings,
+                          callbacks=[callback])
+    assert [c["when"] for c in callback.reports] == ["train start", "epoch 2 start", "train end"]
+    assert len(outside) == 2 * 14 and max(outside) == 0.0
+    # the masks keep exactly half; a kept weight may itself be zero (a row whose consumer was
+    # pruned away scores all zeros), so the model holds at least that many zeros
+    assert callback.reports[-1]["sparsity"] == pytest.approx(0.5, abs=1e-9)
+    assert 0.5 <= target_sparsity(unload(model)) < 0.51
+    with pytest.raises(ValueError, match="prune_at_start needs calibration data"):
+        EfficientXpertCallback(None, statistics="training", prune_at_start=True)
 
 
 def test_step_schedule_and_prune_and_adapt_pipelines():
