@@ -94,13 +94,58 @@ def run_one(base, tokenizer, suite, settings: RunSettings, method: str, sparsity
             "mask_overlap": [c.get("mask_overlap") for c in calls], "config": asdict(config), "pipeline": pipeline}
 
 
+def dense_references(results: dict) -> dict:
+    """(domain, seed) -> the dense-LoRA entry."""
+    return {(r["domain"], r["seed"]): r for r in results.values() if r["method"] == "dense"}
+
+
+def summary(results: dict) -> list[str]:
+    """Per domain, one row per method and sparsity sorted by seed-0 retention within a sparsity:
+    seed-0 scores, retention per seed and their mean."""
+    dense = dense_references(results)
+    lines = []
+    for domain in sorted({r["domain"] for r in results.values()}):
+        ref = dense.get((domain, 0))
+        if ref is None:
+            continue
+        tasks = list(ref["eval"]["tasks"])
+        seeds = sorted({r["seed"] for r in results.values() if r["domain"] == domain and (domain, r["seed"]) in dense})
+        groups: dict[tuple, dict] = {}
+        for r in results.values():
+            if r["domain"] == domain and r["method"] != "dense" and (domain, r["seed"]) in dense:
+                ret = retention(r["eval"], dense[(domain, r["seed"])]["eval"], metric="accuracy_norm")["overall"]
+                groups.setdefault((r["method"], r["sparsity_setting"]), {})[r["seed"]] = (ret, r)
+        ppl = ref["eval"]["perplexity"]["perplexity"]
+        header = ["method", "sparsity", *tasks, "ppl", *(f"retention seed {s}" for s in seeds)] + \
+            (["mean"] if len(seeds) > 1 else [])
+        lines += [f"### {domain} (dense LoRA, seed 0: " + ", ".join(
+            f"{t} {ref['eval']['tasks'][t]['accuracy_norm']:.3f}" for t in tasks) + f", ppl {ppl:.2f})", "",
+            "| " + " | ".join(header) + " |", "| " + " | ".join("---" for _ in header) + " |"]
+        order = sorted(groups, key=lambda g: (g[1] if ":" not in g[1] else "9" + g[1],
+                                              -groups[g].get(0, (-1.0, None))[0]))
+        for method, sparsity in order:
+            runs = groups[(method, sparsity)]
+            first = runs.get(0, next(iter(runs.values())))[1]
+            cells = " | ".join(f"{first['eval']['tasks'][t]['accuracy_norm']:.3f}" for t in tasks)
+            rets = " | ".join(f"**{runs[s][0]:.3f}**" if s in runs else "" for s in seeds)
+            mean = ""
+            if len(seeds) > 1:
+                mean = f" | {sum(v[0] for v in runs.values()) / len(runs):.3f}" if len(runs) > 1 else " |"
+            lines.append(f"| {method} | {sparsity} | {cells} | {first['eval']['perplexity']['perplexity']:.2f} | "
+                         f"{rets}{mean} |")
+        lines.append("")
+    return lines
+
+
 def markdown(results: dict) -> str:
     lines = ["# Domain retention on the embedded SmolLM2-135M-Instruct", "",
              "Scores are length-normalized multiple-choice accuracy (`accuracy_norm`). Retention = mean over a "
              "domain's tasks of method score / dense-LoRA score, with perplexity entering as dense_ppl / method_ppl "
              "(method.md section 7); `raw` is the same with unnormalized accuracy. Same data, LoRA budget and seed "
-             "per row.", ""]
-    dense = {(r["domain"], r["seed"]): r for r in results.values() if r["method"] == "dense"}
+             "per row.", "", "## Summary", "",
+             "Task scores and perplexity of seed 0; retention per seed (relative to the dense LoRA of the same seed).",
+             ""] + summary(results)
+    dense = dense_references(results)
     for domain in sorted({r["domain"] for r in results.values()}):
         rows = [r for r in results.values() if r["domain"] == domain and r["method"] != "dense"]
         seeds = sorted({r["seed"] for r in rows} | {s for d, s in dense if d == domain})
@@ -136,7 +181,7 @@ def markdown(results: dict) -> str:
 
 def plot(results: dict, folder: Path) -> list[str]:
     """retention_vs_sparsity_<domain>.png for every domain with two or more unstructured sparsities."""
-    dense = {(r["domain"], r["seed"]): r for r in results.values() if r["method"] == "dense"}
+    dense = dense_references(results)
     written = []
     for domain in sorted({r["domain"] for r in results.values()}):
         series: dict[str, list] = {}

@@ -1,0 +1,38 @@
+"""The retention benchmark's tables: retention per seed against the dense LoRA of that seed,
+their mean, and rows sorted by retention within a sparsity."""
+import importlib.util
+from pathlib import Path
+
+
+def load_benchmark():
+    path = Path(__file__).parent.parent / "benchmarks" / "domain_retention.py"
+    spec = importlib.util.spec_from_file_location("domain_retention", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def entry(method, sparsity, seed, acc, ppl):
+    return {"domain": "medical", "method": method, "sparsity_setting": sparsity, "seed": seed, "sparsity": 0.4,
+            "eval": {"tasks": {"t": {"accuracy_norm": acc, "accuracy": acc, "majority_baseline": 0.25}},
+                     "perplexity": {"perplexity": ppl}},
+            "base_eval": {"tasks": {"t": {"accuracy_norm": 0.3, "accuracy": 0.3, "majority_baseline": 0.25}},
+                          "perplexity": {"perplexity": 50.0}},
+            "settings": {}, "versions": {}, "machine": "test"}
+
+
+def test_summary_retention_per_seed_mean_and_order():
+    bench = load_benchmark()
+    rows = [entry("dense", "-", 0, 0.8, 10.0), entry("dense", "-", 1, 0.5, 20.0),
+            entry("a", "0.4", 0, 0.4, 20.0),   # (0.5 + 0.5) / 2 = 0.5
+            entry("a", "0.4", 1, 0.5, 20.0),   # (1.0 + 1.0) / 2 = 1.0 (its own dense reference)
+            entry("b", "0.4", 0, 0.8, 10.0),   # 1.0
+            entry("b", "2:4", 0, 0.6, 20.0)]   # (0.75 + 0.5) / 2 = 0.625
+    results = {str(i): r for i, r in enumerate(rows)}
+    lines = [line for line in bench.summary(results) if line.startswith("| ") and "---" not in line]
+    assert lines[0].startswith("| method | sparsity | t | ppl | retention seed 0 | retention seed 1 | mean |")
+    assert [line.split(" | ")[0][2:] + "@" + line.split(" | ")[1] for line in lines[1:]] == \
+        ["b@0.4", "a@0.4", "b@2:4"]
+    cells = lines[2].split(" | ")
+    assert cells[4:] == ["**0.500**", "**1.000**", "0.750 |"]
+    assert "**0.625**" in lines[3]
