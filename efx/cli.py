@@ -66,7 +66,7 @@ def build_parser() -> argparse.ArgumentParser:
     b = sub.add_parser("bench", help="run the benchmarks and write JSON (and the retention table) into --output")
     b.add_argument("--output", default="benchmarks/results", help="folder for the results")
     b.add_argument("--only", nargs="+", default=None,
-                   help="some of: pbs (seconds), kernels (minutes), overhead (about 7 minutes on 2 CPU cores), "
+                   help="some of: pbs (seconds), kernels (minutes), overhead (about 10 minutes on 2 CPU cores), "
                         "retention (hours on a CPU; resumes where it stopped). Default: all four, in that order")
     return parser
 
