@@ -14,6 +14,8 @@ methods that need the Hessian keep the calibration pass.
 """
 from __future__ import annotations
 
+import weakref
+
 import torch
 
 import efx_kernels
@@ -31,6 +33,7 @@ class ActivationRecorder:
         self.arch: ArchMap = architecture_map(model)
         self.sums: dict[str, ModuleStats] = {}
         self._mask: torch.Tensor | None = None
+        self._last = None  # (weak reference to the last input seen, its column sums, its token count)
         self._handles = []
         inner = unwrap(model)
         body = getattr(inner, getattr(inner, "base_model_prefix", ""), None)
@@ -42,22 +45,36 @@ class ActivationRecorder:
 
     def _remember_mask(self, module, args, kwargs):
         self._mask = kwargs.get("attention_mask")
+        self._last = None
 
     def _hook_for(self, name: str):
         def hook(module, args):
             if not module.training:
                 return
-            x = args[0].detach()
-            mask = self._mask
-            if mask is not None and (mask.dim() != 2 or tuple(mask.shape) != tuple(x.shape[:-1])):
-                mask = None  # not the (batch, tokens) padding mask of this input
+            x = args[0]
             s = self.sums.get(name)
             if s is None:
                 s = self.sums[name] = ModuleStats(torch.zeros(x.shape[-1], dtype=torch.float32, device=x.device))
-            with torch.no_grad():
-                s.tokens += efx_kernels.accumulate_act_sq(x, s.sq_sum, mask)
+            delta, tokens = self._column_sums(x)
+            s.sq_sum += delta
+            s.tokens += tokens
             s.sequences += x.shape[0] if x.dim() > 2 else 1
         return hook
+
+    def _column_sums(self, x: torch.Tensor) -> tuple[torch.Tensor, int]:
+        """Per-column sum of x**2 over non-padding tokens, computed once per input tensor: q, k
+        and v (gate and up) receive the same tensor object, the later ones reuse the sums."""
+        last = self._last
+        if last is not None and last[0]() is x:
+            return last[1], last[2]
+        mask = self._mask
+        if mask is not None and (mask.dim() != 2 or tuple(mask.shape) != tuple(x.shape[:-1])):
+            mask = None  # not the (batch, tokens) padding mask of this input
+        delta = torch.zeros(x.shape[-1], dtype=torch.float32, device=x.device)
+        with torch.no_grad():
+            tokens = efx_kernels.accumulate_act_sq(x.detach(), delta, mask)
+        self._last = (weakref.ref(x), delta, tokens)
+        return delta, tokens
 
     @property
     def tokens(self) -> int:
