@@ -91,7 +91,8 @@ def run_one(base, tokenizer, suite, settings: RunSettings, method: str, sparsity
         result = evaluate(model, tokenizer, suite, max_items=settings.eval_items)
     audit = sparsity_audit(model)
     return {"eval": result, "sparsity": audit["overall"], "measure": record,
-            "mask_overlap": [c.get("mask_overlap") for c in calls], "config": asdict(config), "pipeline": pipeline}
+            "mask_overlap": [c.get("mask_overlap") for c in calls], "config": asdict(config), "pipeline": pipeline,
+            "callback": options[0] if options else {}}
 
 
 def dense_references(results: dict) -> dict:
@@ -230,7 +231,8 @@ def main() -> None:
 
     base, tokenizer = load_model()
     for seed in args.seeds:
-        settings = RunSettings(seed=seed)
+        # the shared budget; each method's own callback options are in METHODS (recorded per row)
+        settings = RunSettings(seed=seed, statistics="calibration")
         for domain in args.domains:
             suite = load_suite(domain, seed=0)
             dense_key = key(domain, "dense", "-", seed)
@@ -246,7 +248,10 @@ def main() -> None:
                 if dense_key not in results:
                     with measure(record, "eval"):
                         dense_eval = evaluate(dense_model, tokenizer, suite, max_items=settings.eval_items)
-                    base_eval = evaluate(base, tokenizer, suite, max_items=settings.eval_items)
+                    # the base model and the test split do not depend on the seed: reuse a stored base score
+                    stored = [r["base_eval"] for r in results.values() if r["method"] == "dense"
+                              and r["domain"] == domain and r["settings"].get("eval_items") == settings.eval_items]
+                    base_eval = stored[0] if stored else evaluate(base, tokenizer, suite, max_items=settings.eval_items)
                     save(dense_key, {"domain": domain, "method": "dense", "sparsity_setting": "-", "seed": seed,
                                      "eval": dense_eval, "base_eval": base_eval, "measure": record,
                                      "wall_seconds": time.perf_counter() - started, "settings": asdict(settings),

@@ -81,7 +81,10 @@ def markdown(report: dict) -> str:
                       f"{report['packed']['byte_ratio']:.4f} of the dense bytes of the targets."]
     calls = report.get("prune_calls", [])
     if calls:
-        lines += ["", "## Pruning calls", "", "| call | when | sparsity | mask overlap with previous | seconds |",
+        source = {"training": "recorded during the training forwards (no calibration pass)",
+                  "calibration": "from a calibration pass per call"}.get(report.get("statistics"))
+        lines += ["", "## Pruning calls", ""] + ([f"Activation statistics {source}.", ""] if source else []) + [
+                  "| call | when | sparsity | mask overlap with previous | seconds |",
                   "| --- | --- | --- | --- | --- |"]
         for c in calls:
             lines.append(f"| {c['call']} | {c.get('when', '')} | {c['sparsity']:.4f} | {_fmt(c['mask_overlap'])} | "

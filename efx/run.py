@@ -67,9 +67,10 @@ class RunSettings:
     """EfficientXpert: keep the adapter delta inside the last mask between pruning calls."""
     prune_at_start: bool = False
     """EfficientXpert: also prune before the first training step, so the whole budget trains on the sparse base."""
-    statistics: str = "calibration"
-    """EfficientXpert/ForeSight activation statistics: calibration (a calibration pass per pruning call) or
-    training (recorded during the training forwards: no extra forward pass)."""
+    statistics: str = "auto"
+    """EfficientXpert/ForeSight activation statistics: calibration (a calibration pass per pruning call),
+    training (recorded during the training forwards: no extra forward pass; same retention in the benchmark,
+    calls about 6x faster) or auto (training where it applies, calibration with --obs-update)."""
     lora_r: int = 8
     """LoRA rank."""
     lora_alpha: float = 16.0
@@ -109,8 +110,8 @@ class RunSettings:
         for name in ("n_examples", "batch_size", "calib", "lora_r"):
             if getattr(self, name) <= 0:
                 raise ValueError(f"--{name.replace('_', '-')} must be positive")
-        if self.statistics not in STATISTICS:
-            raise ValueError(f"--statistics {self.statistics!r}: expected one of {STATISTICS}")
+        if self.statistics not in ("auto", *STATISTICS):
+            raise ValueError(f"--statistics {self.statistics!r}: expected auto or one of {STATISTICS}")
         if self.statistics == "training" and self.method not in ("efficientxpert", "foresight"):
             raise ValueError("--statistics training applies to efficientxpert and foresight (pruning inside training)")
         if self.method != "dense":
@@ -119,6 +120,14 @@ class RunSettings:
             raise ValueError("--statistics training records no Hessian, which --obs-update needs")
         if self.domain not in ("medical", "legal") and not Path(self.domain).exists():
             raise ValueError(f"--domain {self.domain!r}: expected medical, legal or an existing path")
+
+    @property
+    def callback_statistics(self) -> str:
+        """The statistics the pruning calls use ("auto" resolved)."""
+        if self.statistics != "auto":
+            return self.statistics
+        fits = self.method in ("efficientxpert", "foresight") and not self.prune_config().needs_hessian
+        return "training" if fits else "calibration"
 
     def prune_config(self) -> PruneConfig:
         return PruneConfig(method=self.method, sparsity=self.sparsity, pattern=self.pattern, preset=self.preset,
@@ -237,6 +246,7 @@ def run(settings: RunSettings, output: str | Path, *, overwrite: bool = False, r
         "retention": retention(expert_eval, dense["eval"], metric=HEADLINE_METRIC),
         "retention_raw": retention(expert_eval, dense["eval"], metric="accuracy"),
         "sparsity": sparsity_audit(expert), "prune_calls": expert_stage.get("calls", []),
+        "statistics": settings.callback_statistics if settings.method in ("efficientxpert", "foresight") else None,
         "packed": expert_stage.get("packed"),
         "measure": record,
         "cost": {"time_ratio": expert_train["seconds"] / record["dense_train"]["seconds"],
@@ -266,7 +276,7 @@ def _train_expert(model, tokenizer, suite, settings: RunSettings, output: Path) 
                                             lora=settings.lora(), training=settings.training(), pipeline=pipeline,
                                             calib=calib, system=suite.system,
                                             callback_kwargs={"masked_adapter": settings.masked_adapter,
-                                                             "statistics": settings.statistics,
+                                                             "statistics": settings.callback_statistics,
                                                              "prune_at_start": settings.prune_at_start})
         calls = report["calls"]
     with atomic_folder(output / "expert", overwrite=True) as folder:

@@ -34,6 +34,8 @@ def test_run_writes_expert_report_and_plots(tiny_setup, capsys):
     assert report["sparsity"]["overall"] == pytest.approx(0.5, abs=0.02)
     assert {"quiz"} == set(report["expert_eval"]["tasks"])
     assert len(report["prune_calls"]) == 2 and report["packed"]["format"] == "bitmap"
+    assert report["statistics"] == "training"  # "auto" for efficientxpert
+    assert "recorded during the training forwards" in (out / "report.md").read_text()
     for name in ("report.md", "score_per_task.png", "sparsity_per_layer.png", "expert/config.json",
                  "expert_packed/efx_sparse.json"):
         assert (out / name).is_file(), name
@@ -57,6 +59,8 @@ def test_run_writes_expert_report_and_plots(tiny_setup, capsys):
     (["--sparsity", "1.2"], "outside"), (["--method", "obs"], "--method"),
     (["--pattern", "3:2"], "N:M"), (["--domain", "/no/such/data"], "--domain"),
     (["--epochs", "1"], "epochs >= 2"), (["--pipeline", "lora-prune"], "--pipeline"),
+    (["--statistics", "weights"], "--statistics"), (["--statistics", "training", "--method", "wanda"], "applies to"),
+    (["--statistics", "training", "--obs-update"], "no Hessian"),
 ])
 def test_bad_options_fail_before_any_work(tiny_setup, extra, message, capsys):
     tmp_path, args = tiny_setup
@@ -64,6 +68,15 @@ def test_bad_options_fail_before_any_work(tiny_setup, extra, message, capsys):
     assert main(args + ["--output", str(out)] + extra) == 2
     assert message in capsys.readouterr().err
     assert not out.exists()
+
+
+def test_auto_statistics_resolve_per_method():
+    from efx.run import RunSettings
+    assert RunSettings().callback_statistics == "training"
+    assert RunSettings(method="foresight").callback_statistics == "training"
+    assert RunSettings(obs_update=True).callback_statistics == "calibration"
+    assert RunSettings(method="wanda").callback_statistics == "calibration"
+    assert RunSettings(statistics="calibration").callback_statistics == "calibration"
 
 
 def test_config_file_and_unknown_keys(tiny_setup, capsys):
