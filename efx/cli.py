@@ -63,6 +63,13 @@ def build_parser() -> argparse.ArgumentParser:
     x.add_argument("--output", required=True, help="folder to write")
     x.add_argument("--format", default="bitmap", help="packed format: bitmap, 2:4 or masked (default: bitmap)")
     x.add_argument("--overwrite", action="store_true", help="replace a non-empty output folder")
+    c = sub.add_parser("compare", help="several efx run folders of one domain side by side, with retention vs "
+                                       "sparsity per method",
+                       description="Read report.json of every RUN folder and write compare.md, compare.json and, "
+                                   "for methods run at two or more sparsities, retention_vs_sparsity.png.")
+    c.add_argument("runs", nargs="+", metavar="RUN", help="efx run output folders (same domain)")
+    c.add_argument("--output", required=True, help="folder for the comparison")
+    c.add_argument("--overwrite", action="store_true", help="replace a non-empty output folder")
     b = sub.add_parser("bench", help="run the benchmarks and write JSON (and the retention table) into --output")
     b.add_argument("--output", default="benchmarks/results", help="folder for the results")
     b.add_argument("--only", nargs="+", default=None,
@@ -108,6 +115,14 @@ def main(argv=None) -> int:
         elif args.command == "export":
             from efx.export import export
             export(args.model, args.output, fmt=args.format, overwrite=args.overwrite)
+        elif args.command == "compare":
+            from efx.compare import compare
+            if Path(args.output).exists() and any(Path(args.output).iterdir()) and not args.overwrite:
+                raise FileExistsError(f"{args.output} exists and is not empty; pass --overwrite to replace it")
+            result = compare(args.runs, args.output, overwrite=args.overwrite)
+            print(Path(args.output, "compare.md").read_text())
+            if not result["plotted"]:
+                print("no method was run at two or more unstructured sparsities: no retention_vs_sparsity.png")
         elif args.command == "bench":
             return _bench(args)
     except (ValueError, FileExistsError, FileNotFoundError) as err:
