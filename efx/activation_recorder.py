@@ -19,7 +19,7 @@ import weakref
 import torch
 
 import efx_kernels
-from efx.arch import ArchMap, BlockMap, architecture_map, unwrap
+from efx.arch import BlockMap, architecture_map, unwrap
 from efx.calibration import ModuleStats, all_reduce_stats, check_stats
 
 
@@ -30,7 +30,6 @@ class ActivationRecorder:
     `remove` to detach."""
 
     def __init__(self, model):
-        self.arch: ArchMap = architecture_map(model)
         self.sums: dict[str, ModuleStats] = {}
         self._mask: torch.Tensor | None = None
         self._last = None  # (weak reference to the last input seen, its column sums, its token count)
@@ -39,7 +38,7 @@ class ActivationRecorder:
         body = getattr(inner, getattr(inner, "base_model_prefix", ""), None)
         for owner in {id(m): m for m in (model, inner, body) if isinstance(m, torch.nn.Module)}.values():
             self._handles.append(owner.register_forward_pre_hook(self._remember_mask, with_kwargs=True))
-        for block in self.arch.blocks:
+        for block in architecture_map(model).blocks:
             for role, module in block.targets.items():
                 self._handles.append(module.register_forward_pre_hook(self._hook_for(block.qualified(role))))
 

@@ -217,12 +217,11 @@ def prune(model, calib, config: PruneConfig | None = None, *, memory: PruneMemor
     arch = architecture_map(model)
     roles = _selected_roles(arch, config.targets)
     _preflight(arch, roles, config)
-    need_hessian = config.needs_hessian
     if recorded is None:
         if calib is None:
             raise ValueError("no calibration data (calib is None) and no recorded statistics")
         batches = as_batches(calib, config.calib_batch_size)
-    elif need_hessian:
+    elif config.needs_hessian:
         raise ValueError("statistics recorded during training hold no Hessian E[x x^T], which "
                          f"method {config.method!r} with these options needs: use a calibration pass")
     elif recorded.tokens == 0:
@@ -245,7 +244,7 @@ def prune(model, calib, config: PruneConfig | None = None, *, memory: PruneMemor
     started = time.perf_counter()
     try:
         if recorded is None:
-            calibrate(model, arch, batches, on_block, hessian=need_hessian, batch_size=config.calib_batch_size,
+            calibrate(model, arch, batches, on_block, hessian=config.needs_hessian, batch_size=config.calib_batch_size,
                       desc=f"pruning ({config.method})")
         else:
             for block in arch.blocks:
