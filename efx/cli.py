@@ -117,8 +117,6 @@ def main(argv=None) -> int:
             export(args.model, args.output, fmt=args.format, overwrite=args.overwrite)
         elif args.command == "compare":
             from efx.compare import compare
-            if Path(args.output).exists() and any(Path(args.output).iterdir()) and not args.overwrite:
-                raise FileExistsError(f"{args.output} exists and is not empty; pass --overwrite to replace it")
             result = compare(args.runs, args.output, overwrite=args.overwrite)
             print(Path(args.output, "compare.md").read_text())
             if not result["plotted"]:

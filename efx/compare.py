@@ -6,7 +6,7 @@ import json
 from collections import defaultdict
 from pathlib import Path
 
-from efx.io import atomic_folder
+from efx.io import atomic_folder, check_output_free
 from efx.report import retention_plot
 
 
@@ -43,6 +43,7 @@ def load_reports(runs: list[str | Path]) -> list[tuple[Path, dict]]:
 def compare(runs: list[str | Path], output: str | Path, *, overwrite: bool = False) -> dict:
     """Write compare.md (one row per run) and, where a method was run at two or more
     unstructured sparsities, retention_vs_sparsity.png into `output`. Returns the table rows."""
+    check_output_free(output, overwrite=overwrite)  # before any run is read
     loaded = load_reports(runs)
     rows = []
     series: dict[str, list[tuple[float, float]]] = defaultdict(list)

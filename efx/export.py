@@ -6,7 +6,7 @@ import logging
 from pathlib import Path
 
 from efx.checkpoint import save_sparse
-from efx.io import atomic_folder
+from efx.io import atomic_folder, check_output_free
 from efx.models import load_model
 from efx.report import sparsity_audit
 from efx.sparse_linear import to_sparse_lora
@@ -18,8 +18,7 @@ def export(model_path: str, output: str, *, fmt: str = "bitmap", overwrite: bool
     """Write `<output>/hf` (loads with AutoModelForCausalLM, zeros kept) and `<output>/packed`
     (loads with efx.checkpoint.load_sparse). The zeros already in the weights define the masks."""
     output = Path(output)
-    if output.exists() and any(output.iterdir()) and not overwrite:
-        raise FileExistsError(f"{output} exists and is not empty; pass --overwrite to replace it")
+    check_output_free(output, overwrite=overwrite)  # before the model is loaded
     model, tokenizer = load_model(model_path)
     audit = sparsity_audit(model)
     with atomic_folder(output, overwrite=True) as tmp:

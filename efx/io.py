@@ -29,6 +29,15 @@ def atomic_write_text(path: str | os.PathLike, text: str) -> None:
         raise
 
 
+def check_output_free(path: str | os.PathLike, *, overwrite: bool = False) -> None:
+    """Refuse an output path that is a file, or a non-empty folder unless `overwrite` is set."""
+    path = Path(path)
+    if path.exists() and not path.is_dir():
+        raise FileExistsError(f"output {path} is a file, not a folder")
+    if path.exists() and any(path.iterdir()) and not overwrite:
+        raise FileExistsError(f"output {path} exists and is not empty; pass --overwrite (overwrite=True) to replace it")
+
+
 @contextmanager
 def atomic_folder(path: str | os.PathLike, *, overwrite: bool = False):
     """Yield a temporary folder beside `path`; on success it replaces `path` in one rename.
@@ -36,8 +45,7 @@ def atomic_folder(path: str | os.PathLike, *, overwrite: bool = False):
     An existing non-empty `path` is an error unless `overwrite` is True.
     """
     path = Path(path)
-    if path.exists() and any(path.iterdir()) and not overwrite:
-        raise FileExistsError(f"{path} exists and is not empty; pass overwrite=True to replace it")
+    check_output_free(path, overwrite=overwrite)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp"))
     os.chmod(tmp, 0o777 & ~_umask())  # mkdtemp creates 0700

@@ -94,3 +94,13 @@ def test_bench_checks_names_first_and_writes_json(tmp_path, capsys):
     result = json.loads((tmp_path / "pbs_speed.json").read_text())
     assert [r["keep_weight"] for r in result["results"]] == [1.0, 0.5]
     assert all(r["max_abs_diff_vs_fp64_loop"] < 1e-6 for r in result["results"])
+
+
+def test_export_refuses_occupied_output_before_loading(tmp_path, capsys):
+    out = tmp_path / "exp"
+    out.mkdir()
+    (out / "keep.txt").write_text("user file")
+    # the model path does not exist: the output check has to come first
+    assert main(["export", "--model", str(tmp_path / "no-model"), "--output", str(out)]) == 2
+    assert "not empty" in capsys.readouterr().err
+    assert (out / "keep.txt").read_text() == "user file"

@@ -47,3 +47,18 @@ def test_compare_refuses_bad_input(tmp_path, capsys, case, message):
     assert main(["compare", a, *other, "--output", str(out)]) == 2
     assert message in capsys.readouterr().err
     assert not out.exists()
+
+
+def test_compare_refuses_an_occupied_output_before_reading_runs(tmp_path):
+    from efx.compare import compare
+    taken = tmp_path / "taken"
+    taken.mkdir()
+    (taken / "keep.txt").write_text("user file")
+    afile = tmp_path / "a_file"
+    afile.write_text("user file")
+    missing = [str(tmp_path / "nope1"), str(tmp_path / "nope2")]  # would raise FileNotFoundError if read first
+    with pytest.raises(FileExistsError, match="not empty"):
+        compare(missing, taken)
+    with pytest.raises(FileExistsError, match="is a file"):
+        compare(missing, afile, overwrite=True)
+    assert (taken / "keep.txt").read_text() == "user file" and afile.read_text() == "user file"
