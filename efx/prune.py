@@ -273,7 +273,14 @@ def _prune_module(arch, block, role, module, stats, config, memory, name, undo, 
     for tensor in (weight,) + ((parts[0], parts[1]) if parts else ()):
         undo.append((tensor, tensor.detach().to("cpu", copy=True)))
     scale = parts[2] if parts else 0.0
-    U = weight.float() + (scale * (parts[1].float() @ parts[0].float()) if parts else 0.0)
+
+    def combined(b=None) -> torch.Tensor:
+        """W + s*B@A in fp32, a fresh tensor (B replaced by `b` when given)."""
+        if parts is None:
+            return weight.to(torch.float32, copy=True)
+        return weight.float() + scale * ((parts[1] if b is None else b).float() @ parts[0].float())
+
+    U = None  # formed only where a method reads it
     nm = parse_pattern(config.pattern)
     sparsity = config.effective_sparsity
     merged = None
@@ -288,15 +295,16 @@ def _prune_module(arch, block, role, module, stats, config, memory, name, undo, 
             memory.scores.stage(name, score)
         keep = select_keep_mask(score, sparsity, config.pattern, config.granularity)
     elif config.method == "sparsegpt":
-        merged, keep = baselines.sparsegpt(U, stats.hessian, sparsity, config.pattern, config.sparsegpt_block,
-                                           config.sparsegpt_damp)
+        merged, keep = baselines.sparsegpt(combined(), stats.hessian, sparsity, config.pattern,
+                                           config.sparsegpt_block, config.sparsegpt_damp)
     else:
+        U = combined()
         score = baselines.magnitude_score(U) if config.method == "magnitude" else \
             baselines.wanda_score(U, stats.act_sq, stats.tokens)
         keep = select_keep_mask(score, sparsity, config.pattern, config.granularity)
 
     if merged is None and config.obs_update and config.method in ("efficientxpert", "foresight"):
-        merged, keep = baselines.sparsegpt(U, stats.hessian.to(U.device), sparsity, config.pattern,
+        merged, keep = baselines.sparsegpt(combined(), stats.hessian.to(weight.device), sparsity, config.pattern,
                                            config.sparsegpt_block, config.sparsegpt_damp, keep_mask=keep)
     if merged is None:
         if parts is not None and config.run_pbs:
@@ -312,8 +320,10 @@ def _prune_module(arch, block, role, module, stats, config, memory, name, undo, 
                 new_b = partial_brain_surgeon(weight, A, B, keep, stats.act_sq, scale=scale,
                                               keep_weight=config.pbs_keep_weight, ridge=config.pbs_ridge,
                                               max_pruned_per_row=config.pbs_max_pruned_per_row)
-            U = weight.float() + scale * (new_b.float() @ A.float())
-        merged = U.mul_(keep.view(torch.uint8))  # U is a fresh fp32 tensor here
+            U = combined(new_b)
+        elif U is None:
+            U = combined()
+        merged = U.mul_(keep.view(torch.uint8))
     weight.copy_(merged.to(weight.dtype))
     reset_adapter(module, generator)
     kept = int(keep.sum())
