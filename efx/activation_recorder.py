@@ -10,7 +10,9 @@ What changes against the sequential pass: the statistics are those of the epoch 
 (the model under the previous call's mask, averaged over the epoch's weight updates) instead of
 the current weights with this call's pruned outputs propagated block by block. Only the
 diagonal statistic is recorded (E[x x^T] per step would cost as much as the layer itself), so
-methods that need the Hessian keep the calibration pass.
+methods that need the Hessian keep the calibration pass. Under gradient checkpointing the
+forwards recomputed in backward are counted as well: sums and token counts both double, so the
+mean `E[x_j^2]` a call reads is unchanged.
 """
 from __future__ import annotations
 
