@@ -126,3 +126,23 @@ def test_callback_with_training_statistics_ends_exactly_sparse(monkeypatch):
     weights = [base_linear(m).weight for b in architecture_map(merged).blocks for m in b.targets.values()]
     assert sum(int((w == 0).sum()) for w in weights) == sum(w.numel() for w in weights) // 2
     assert not any(m._forward_pre_hooks for m in merged.modules())  # every hook removed
+
+
+def test_gradient_checkpointing_keeps_the_recorded_mean():
+    """Recomputed forwards in backward are counted too: sums and tokens both double, the mean stays."""
+    batches = padded_calib()
+    plain = record(lora_model(), batches)
+    model = lora_model()
+    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    model.enable_input_require_grads()
+    recorder = ActivationRecorder(model)
+    model.train()
+    for b in batches:
+        model(**b, labels=b["input_ids"]).loss.backward()
+    model.eval()
+    arch = architecture_map(model)
+    assert recorder.tokens == 2 * plain.tokens  # every training forward seen twice
+    for block in arch.blocks:
+        ref = plain.block_stats(block)
+        for role, s in recorder.block_stats(block).items():
+            torch.testing.assert_close(s.act_sq, ref[role].act_sq, rtol=1e-5, atol=1e-7)
