@@ -21,7 +21,7 @@ def export(model_path: str, output: str, *, fmt: str = "bitmap", overwrite: bool
     check_output_free(output, overwrite=overwrite)  # before the model is loaded
     model, tokenizer = load_model(model_path)
     audit = sparsity_audit(model)
-    with atomic_folder(output, overwrite=True) as tmp:
+    with atomic_folder(output, overwrite=overwrite) as tmp:  # checked again: the load took time
         model.save_pretrained(tmp / "hf")
         tokenizer.save_pretrained(tmp / "hf")
         to_sparse_lora(model, format=fmt, rank=0)

@@ -321,9 +321,7 @@ def _prune_module(arch, block, role, module, stats, config, memory, name, undo, 
                                               keep_weight=config.pbs_keep_weight, ridge=config.pbs_ridge,
                                               max_pruned_per_row=config.pbs_max_pruned_per_row)
             U = combined(new_b)
-        elif U is None:
-            U = combined()
-        merged = U.mul_(keep.view(torch.uint8))
+        merged = (U if U is not None else combined()).mul_(keep.view(torch.uint8))
     weight.copy_(merged.to(weight.dtype))
     reset_adapter(module, generator)
     kept = int(keep.sum())
