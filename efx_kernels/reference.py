@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import torch
 
+from efx_kernels.scratch import row_block, scratch
+
 
 def _token_rows(x: torch.Tensor, token_mask: torch.Tensor | None) -> torch.Tensor:
     """x flattened to (tokens, n) with padding tokens removed."""
@@ -70,17 +72,40 @@ def nm_keep_mask(score: torch.Tensor, n: int, m: int) -> torch.Tensor:
     return keep.reshape(rows, cols)
 
 
-def effective(W: torch.Tensor, A: torch.Tensor, B: torch.Tensor, scale: float) -> torch.Tensor:
-    """U = W + scale * B @ A in fp32, a new tensor (one fused multiply-add pass)."""
-    return torch.addmm(W.float(), B.float(), A.float(), alpha=scale)
+def _pruned_products(W: torch.Tensor, A: torch.Tensor, B: torch.Tensor, scale: float, mask: torch.Tensor,
+                     mask_keeps: bool, act_sq: torch.Tensor, dtype: torch.dtype,
+                     outer: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """The two products PBS needs of P * U, with U = W + scale * B @ A and P the pruned positions
+    (`mask` is the kept set when `mask_keeps`, else the pruned set):
+    rhs = -s (P * U) D A^T, (m, r), and, when `outer` (n, k) is given, P @ outer, (m, k).
 
-
-def _pbs_rhs(W, A, B, scale, keep_mask, act_sq, dtype=torch.float32) -> torch.Tensor:
-    """-s * (P * U) D A^T, (m, r): D is folded into the small A, so the m x n work is one
-    effective-weight pass, one masking multiply and one GEMM."""
-    # a uint8 multiply streams; bool-indexed selects are several times slower on CPUs
-    pruned_u = effective(W, A, B, scale).mul_((~keep_mask).view(torch.uint8)).to(dtype)
-    return (pruned_u @ (A.to(dtype) * act_sq.to(dtype)).T).mul_(-scale)
+    Row blocks through scratch buffers (efx_kernels.scratch): no m x n temporary, and no fresh
+    multi-MiB allocation per call. D is folded into the small A, so each block costs one fused
+    multiply-add, one masking multiply and one GEMM (two with `outer`).
+    """
+    m, n = W.shape
+    device = W.device
+    a = A.to(dtype)
+    coeff = (a * act_sq.to(dtype)).T
+    rhs = torch.empty(m, A.shape[0], dtype=dtype, device=device)
+    products = None if outer is None else torch.empty(m, outer.shape[1], dtype=dtype, device=device)
+    rows = row_block(m, n, device)
+    for start in range(0, m, rows):
+        block = slice(start, min(start + rows, m))
+        u = scratch("pbs_u", (block.stop - start, n), dtype, device).copy_(W[block])
+        u.addmm_(B[block].to(dtype), a, alpha=scale)
+        pruned = mask[block]
+        if mask_keeps:
+            pruned = torch.logical_not(pruned, out=scratch("pbs_pruned", tuple(pruned.shape), torch.bool, device))
+        if outer is None:
+            # a uint8 multiply streams; bool-indexed selects and masked_fill_ are several times slower on CPUs
+            u.mul_(pruned.view(torch.uint8))
+        else:
+            p = scratch("pbs_pruned_values", tuple(u.shape), dtype, device).copy_(pruned)
+            u.mul_(p)
+            torch.mm(p, outer, out=products[block])
+        torch.mm(u, coeff, out=rhs[block])
+    return rhs.mul_(-scale), products
 
 
 def pbs_delta_keep1(W: torch.Tensor, A: torch.Tensor, B: torch.Tensor, scale: float, keep_mask: torch.Tensor,
@@ -89,7 +114,7 @@ def pbs_delta_keep1(W: torch.Tensor, A: torch.Tensor, B: torch.Tensor, scale: fl
 
     The r x r system is formed and solved in fp64 (it is tiny; fp32 would lose the ridge)."""
     A64, g = A.double(), act_sq.double()
-    rhs = _pbs_rhs(W, A, B, scale, keep_mask, act_sq)
+    rhs, _ = _pruned_products(W, A, B, scale, keep_mask, True, act_sq, torch.float32)
     gram = scale * scale * (A64 * g) @ A64.T + ridge * torch.eye(A.shape[0], dtype=torch.float64, device=A.device)
     return torch.linalg.solve(gram, rhs.double().T).T.float()
 
@@ -109,10 +134,10 @@ def pbs_delta_general(W: torch.Tensor, A: torch.Tensor, B: torch.Tensor, scale: 
     r, n = A.shape
     outer = (g[:, None, None] * Aw.T[:, :, None] * Aw.T[:, None, :]).reshape(n, r * r)  # K[j, (a, b)]
     full = ((Aw * g) @ Aw.T).reshape(1, r * r)
-    grams = (keep_weight * full + (1.0 - keep_weight) * (prune_mask.to(work) @ outer)).reshape(-1, r, r).double()
+    rhs, pruned_grams = _pruned_products(W, A, B, scale, prune_mask, False, act_sq, work, outer)
+    grams = (keep_weight * full + (1.0 - keep_weight) * pruned_grams).reshape(-1, r, r).double()
     grams = scale * scale * grams + ridge * torch.eye(r, dtype=torch.float64, device=A.device)
-    rhs = _pbs_rhs(W, A, B, scale, ~prune_mask, act_sq, work).double()
-    return torch.linalg.solve(grams, rhs[..., None])[..., 0].float()
+    return torch.linalg.solve(grams, rhs.double()[..., None])[..., 0].float()
 
 
 def hessian_pbs_delta(U: torch.Tensor, keep_mask: torch.Tensor, A: torch.Tensor, H: torch.Tensor, scale: float,
