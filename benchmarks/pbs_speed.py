@@ -65,8 +65,7 @@ def main() -> None:
               f"x{loop / batched:.0f}")
     result = {"benchmark": "pbs_speed", "shape": [m, n], "rank": args.rank, "sparsity": args.sparsity,
               "device": "cpu", "torch_threads": torch.get_num_threads(), "results": rows, "versions": versions(),
-              # glibc returns freed multi-MB buffers to the OS unless told otherwise; the batched path's
-              # time depends on it (page faults on every fresh buffer), so the setting is recorded
+              # allocator settings change the cost of fresh buffers (page faults); recorded with the run
               "malloc_env": {k: v for k, v in os.environ.items() if k.startswith("MALLOC_")},
               "command": " ".join(["python"] + sys.argv)}
     out = Path(args.output) / "pbs_speed.json"
