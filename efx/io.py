@@ -29,13 +29,17 @@ def atomic_write_text(path: str | os.PathLike, text: str) -> None:
         raise
 
 
-def check_output_free(path: str | os.PathLike, *, overwrite: bool = False) -> None:
-    """Refuse an output path that is a file, or a non-empty folder unless `overwrite` is set."""
+def check_output_free(path: str | os.PathLike, *, overwrite: bool = False,
+                      remedy: str = "pass --overwrite (overwrite=True) to replace it") -> bool:
+    """Refuse an output path that is a file, or a non-empty folder unless `overwrite` is set
+    (the error ends with `remedy`). Returns whether `path` is a non-empty folder."""
     path = Path(path)
     if path.exists() and not path.is_dir():
         raise FileExistsError(f"output {path} is a file, not a folder")
-    if path.exists() and any(path.iterdir()) and not overwrite:
-        raise FileExistsError(f"output {path} exists and is not empty; pass --overwrite (overwrite=True) to replace it")
+    occupied = path.exists() and any(path.iterdir())
+    if occupied and not overwrite:
+        raise FileExistsError(f"output {path} exists and is not empty; {remedy}")
+    return occupied
 
 
 @contextmanager

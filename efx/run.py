@@ -18,7 +18,7 @@ from pathlib import Path
 
 from efx.data import load_suite
 from efx.evaluate import evaluate, retention
-from efx.io import atomic_folder, atomic_write_text
+from efx.io import atomic_folder, atomic_write_text, check_output_free
 from efx.measure import measure
 from efx.models import load_model
 from efx.pipelines import calibration_batches, prune_and_adapt, unload
@@ -173,16 +173,12 @@ class Stages:
 
 def prepare_output(output: Path, *, overwrite: bool, resume: bool) -> None:
     """Refuse a non-empty folder unless told to overwrite it or resume in it."""
-    if output.exists() and not output.is_dir():
-        raise FileExistsError(f"--output {output} is a file")
-    if output.exists() and any(output.iterdir()):
-        if resume:
-            if not (output / "stages").is_dir():
-                raise FileExistsError(f"--resume: {output} holds no efx run to resume")
-            return
-        if not overwrite:
-            raise FileExistsError(f"--output {output} exists and is not empty; pass --overwrite to replace it "
-                                  "or --resume to continue its run")
+    if resume and output.is_dir() and any(output.iterdir()):
+        if not (output / "stages").is_dir():
+            raise FileExistsError(f"--resume: {output} holds no efx run to resume")
+        return
+    if check_output_free(output, overwrite=overwrite,
+                         remedy="pass --overwrite to replace it or --resume to continue its run"):
         shutil.rmtree(output)
     output.mkdir(parents=True, exist_ok=True)
 

@@ -104,3 +104,23 @@ def test_export_refuses_occupied_output_before_loading(tmp_path, capsys):
     assert main(["export", "--model", str(tmp_path / "no-model"), "--output", str(out)]) == 2
     assert "not empty" in capsys.readouterr().err
     assert (out / "keep.txt").read_text() == "user file"
+
+
+def test_run_output_refusals_keep_the_users_files(tmp_path):
+    from efx.run import prepare_output
+    occupied = tmp_path / "mine"
+    occupied.mkdir()
+    (occupied / "notes.txt").write_text("user file")
+    with pytest.raises(FileExistsError, match="--resume to continue"):
+        prepare_output(occupied, overwrite=False, resume=False)
+    with pytest.raises(FileExistsError, match="no efx run to resume"):
+        prepare_output(occupied, overwrite=True, resume=True)
+    assert (occupied / "notes.txt").read_text() == "user file"
+    a_file = tmp_path / "file.txt"
+    a_file.write_text("user file")
+    for overwrite, resume in ((False, False), (True, False), (False, True)):
+        with pytest.raises(FileExistsError, match="is a file"):
+            prepare_output(a_file, overwrite=overwrite, resume=resume)
+    assert a_file.read_text() == "user file"
+    prepare_output(occupied, overwrite=True, resume=False)
+    assert occupied.is_dir() and not any(occupied.iterdir())
