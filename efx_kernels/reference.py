@@ -16,22 +16,10 @@ def _token_rows(x: torch.Tensor, token_mask: torch.Tensor | None) -> torch.Tenso
 
 
 def accumulate_act_sq(x: torch.Tensor, acc: torch.Tensor, token_mask: torch.Tensor | None = None) -> int:
-    """acc (n, fp32) += sum over non-padding tokens of x**2; returns the number of tokens counted.
-
-    Token blocks through a held scratch buffer (efx_kernels.scratch): no temporary of x's size,
-    and no copy of the non-padding rows (the mask weights a matrix-vector product). The activation
-    recorder calls this inside every training forward."""
-    rows = x.reshape(-1, x.shape[-1])
-    weights = None if token_mask is None else (token_mask.reshape(-1) != 0).to(torch.float32)
-    step = row_block(rows.shape[0], rows.shape[1], rows.device)
-    for start in range(0, rows.shape[0], step):
-        block = rows[start:start + step]
-        squares = scratch("act_sq", tuple(block.shape), torch.float32, rows.device).copy_(block).square_()
-        if weights is None:
-            acc += squares.sum(0)
-        else:
-            acc.addmv_(squares.T, weights[start:start + step])
-    return rows.shape[0] if weights is None else int(weights.sum())
+    """acc (n, fp32) += sum over tokens of x**2; returns the number of tokens counted."""
+    rows = _token_rows(x, token_mask).float()
+    acc += (rows * rows).sum(0)
+    return rows.shape[0]
 
 
 def accumulate_hessian(x: torch.Tensor, acc: torch.Tensor, token_mask: torch.Tensor | None = None) -> int:
