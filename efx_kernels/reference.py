@@ -15,26 +15,11 @@ def _token_rows(x: torch.Tensor, token_mask: torch.Tensor | None) -> torch.Tenso
     return rows
 
 
-ACT_SQ_BLOCK = 1 << 16  # elements per token block of accumulate_act_sq on the CPU
-
-
 def accumulate_act_sq(x: torch.Tensor, acc: torch.Tensor, token_mask: torch.Tensor | None = None) -> int:
-    """acc (n, fp32) += sum over non-padding tokens of x**2; returns the number of tokens counted.
-
-    On the CPU the tokens go in blocks of at most ACT_SQ_BLOCK elements (256 KiB in fp32), with
-    the padding mask as the weights of a matrix-vector product (no copy of the kept rows): the
-    activation recorder calls this inside every training forward, and temporaries of the
-    input's size, freed between the activations kept for backward, cost peak memory there."""
-    rows = x.reshape(-1, x.shape[-1])
-    weights = None if token_mask is None else (token_mask.reshape(-1) != 0).to(torch.float32)
-    step = max(1, ACT_SQ_BLOCK // rows.shape[1]) if rows.device.type == "cpu" else max(rows.shape[0], 1)
-    for start in range(0, rows.shape[0], step):
-        squares = rows[start:start + step].to(torch.float32, copy=True).square_()
-        if weights is None:
-            acc += squares.sum(0)
-        else:
-            acc.addmv_(squares.T, weights[start:start + step])
-    return rows.shape[0] if weights is None else int(weights.sum())
+    """acc (n, fp32) += sum over tokens of x**2; returns the number of tokens counted."""
+    rows = _token_rows(x, token_mask).float()
+    acc += (rows * rows).sum(0)
+    return rows.shape[0]
 
 
 def accumulate_hessian(x: torch.Tensor, acc: torch.Tensor, token_mask: torch.Tensor | None = None) -> int:
