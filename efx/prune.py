@@ -18,7 +18,6 @@ from efx import baselines
 from efx.arch import ROLES, ArchMap, architecture_map, base_linear, lora_parts
 from efx.calibration import as_batches, calibrate
 import efx_kernels
-from efx_kernels.scratch import release as release_scratch
 from efx.foresight import (GRANULARITIES, PRESETS, activation_statistic, foresight_score, parse_pattern,
                            score_inputs, select_keep_mask)
 from efx.pbs import hessian_pbs, partial_brain_surgeon
@@ -257,7 +256,7 @@ def prune(model, calib, config: PruneConfig | None = None, *, memory: PruneMemor
         log.error("pruning failed; every modified weight was restored")
         raise
     finally:
-        release_scratch()  # the CPU kernels' held buffers are for the calls of one pass
+        efx_kernels.release_scratch()  # the CPU kernels' held buffers are for the calls of one pass
     if config.use_memory:
         memory.scores.commit()
     else:
