@@ -13,6 +13,13 @@ diagonal statistic is recorded (E[x x^T] per step would cost as much as the laye
 methods that need the Hessian keep the calibration pass. Under gradient checkpointing the
 forwards recomputed in backward are counted as well: sums and token counts both double, so the
 mean `E[x_j^2]` a call reads is unchanged.
+
+Memory: every tensor the recorder keeps (the per-target sums and one column-sum buffer per input
+width) is allocated when it is attached, before training starts, and `reset` zeroes them in place.
+Small tensors that outlive a step, allocated between a forward's activations, would stay pinned
+inside the heap the next steps' activations are laid out in; on glibc that fragmentation cost
+about 3% more peak RSS over a training run while the bytes in use were the same as plain LoRA's
+(README, "Overhead of pruning inside training").
 """
 from __future__ import annotations
 
@@ -21,7 +28,7 @@ import weakref
 import torch
 
 import efx_kernels
-from efx.arch import BlockMap, architecture_map, unwrap
+from efx.arch import BlockMap, architecture_map, base_linear, unwrap
 from efx.calibration import ModuleStats, all_reduce_stats, check_stats
 
 
@@ -33,6 +40,7 @@ class ActivationRecorder:
 
     def __init__(self, model):
         self.sums: dict[str, ModuleStats] = {}
+        self._column_buffers: dict[tuple[int, torch.device], torch.Tensor] = {}
         self._mask: torch.Tensor | None = None
         self._last = None  # (weak reference to the last input seen, its column sums, its token count)
         self._handles = []
@@ -42,7 +50,21 @@ class ActivationRecorder:
             self._handles.append(owner.register_forward_pre_hook(self._remember_mask, with_kwargs=True))
         for block in architecture_map(model).blocks:
             for role, module in block.targets.items():
+                weight = base_linear(module).weight
+                self.sums[block.qualified(role)] = ModuleStats(self._zeros(weight.shape[1], weight.device))
+                self._column_buffer(weight.shape[1], weight.device)
                 self._handles.append(module.register_forward_pre_hook(self._hook_for(block.qualified(role))))
+
+    @staticmethod
+    def _zeros(n: int, device: torch.device) -> torch.Tensor:
+        return torch.zeros(n, dtype=torch.float32, device=device)
+
+    def _column_buffer(self, n: int, device: torch.device) -> torch.Tensor:
+        """The held buffer the column sums of an input of width n are computed in."""
+        key = (n, torch.device(device))
+        if key not in self._column_buffers:
+            self._column_buffers[key] = self._zeros(n, device)
+        return self._column_buffers[key]
 
     def _remember_mask(self, module, args, kwargs):
         self._mask = kwargs.get("attention_mask")
@@ -53,9 +75,7 @@ class ActivationRecorder:
             if not module.training:
                 return
             x = args[0]
-            s = self.sums.get(name)
-            if s is None:
-                s = self.sums[name] = ModuleStats(torch.zeros(x.shape[-1], dtype=torch.float32, device=x.device))
+            s = self.sums[name]
             delta, tokens = self._column_sums(x)
             s.sq_sum += delta
             s.tokens += tokens
@@ -64,14 +84,16 @@ class ActivationRecorder:
 
     def _column_sums(self, x: torch.Tensor) -> tuple[torch.Tensor, int]:
         """Per-column sum of x**2 over non-padding tokens, computed once per input tensor: q, k
-        and v (gate and up) receive the same tensor object, the later ones reuse the sums."""
+        and v (gate and up) receive the same tensor object, the later ones reuse the sums. The sums
+        live in the held buffer of x's width until the next input of that width, which also
+        replaces `_last`."""
         last = self._last
         if last is not None and last[0]() is x:
             return last[1], last[2]
         mask = self._mask
         if mask is not None and (mask.dim() != 2 or tuple(mask.shape) != tuple(x.shape[:-1])):
             mask = None  # not the (batch, tokens) padding mask of this input
-        delta = torch.zeros(x.shape[-1], dtype=torch.float32, device=x.device)
+        delta = self._column_buffer(x.shape[-1], x.device).zero_()
         with torch.no_grad():
             tokens = efx_kernels.accumulate_act_sq(x.detach(), delta, mask)
         self._last = (weakref.ref(x), delta, tokens)
@@ -95,7 +117,12 @@ class ActivationRecorder:
         return stats
 
     def reset(self) -> None:
-        self.sums.clear()
+        """Start a new window: zero the sums in place (no tensor is allocated or freed)."""
+        for s in self.sums.values():
+            s.sq_sum.zero_()
+            s.tokens = 0
+            s.sequences = 0
+        self._last = None
 
     def remove(self) -> None:
         for handle in self._handles:

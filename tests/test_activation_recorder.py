@@ -72,6 +72,30 @@ def test_only_training_forwards_count_and_reset_and_remove():
     assert recorder.tokens == 0
 
 
+def test_recorder_tensors_are_allocated_when_attached_and_reset_in_place():
+    """Training forwards and resets allocate no tensor the recorder keeps: the sums and the
+    column-sum buffers exist from the start and keep their storage."""
+    model = lora_model()
+    recorder = ActivationRecorder(model)
+    arch = architecture_map(model)
+    names = {block.qualified(role) for block in arch.blocks for role in block.targets}
+    assert set(recorder.sums) == names and recorder.tokens == 0
+    kept = {name: s.sq_sum.data_ptr() for name, s in recorder.sums.items()}
+    buffers = {key: t.data_ptr() for key, t in recorder._column_buffers.items()}
+    model.train()
+    with torch.no_grad():
+        for b in padded_calib():
+            model(**b)
+    assert all(float(s.sq_sum.sum()) > 0 for s in recorder.sums.values())
+    recorder.reset()
+    assert recorder.tokens == 0 and all(s.sequences == 0 and not s.sq_sum.any() for s in recorder.sums.values())
+    assert {name: s.sq_sum.data_ptr() for name, s in recorder.sums.items()} == kept
+    assert {key: t.data_ptr() for key, t in recorder._column_buffers.items()} == buffers
+    with pytest.raises(RuntimeError, match="saw no input"):
+        recorder.block_stats(arch.blocks[0])
+    recorder.remove()
+
+
 def test_prune_from_recorded_statistics_runs_no_forward(monkeypatch):
     model = lora_model()
     recorder = record(model, padded_calib())
