@@ -15,11 +15,10 @@ forwards recomputed in backward are counted as well: sums and token counts both 
 mean `E[x_j^2]` a call reads is unchanged.
 
 Memory: every tensor the recorder keeps (the per-target sums and one column-sum buffer per input
-width) is allocated when it is attached, before training starts, and `reset` zeroes them in place.
-Small tensors that outlive a step, allocated between a forward's activations, would stay pinned
-inside the heap the next steps' activations are laid out in; on glibc that fragmentation cost
-about 3% more peak RSS over a training run while the bytes in use were the same as plain LoRA's
-(README, "Overhead of pruning inside training").
+width) is allocated when it is attached, before training starts, and `reset` zeroes them in place,
+so no tensor that outlives a step is allocated between a forward's activations. The bytes in use
+at a training step's peak are the same as plain LoRA's; glibc's heap around them is not always
+laid out as tightly (README, "Overhead of pruning inside training"; `benchmarks/heap_probe.py`).
 """
 from __future__ import annotations
 
