@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import logging
 import math
-import mmap
 import time
 from dataclasses import asdict, dataclass, field
 
@@ -197,22 +196,6 @@ def _overlap(previous: np.ndarray | None, keep: torch.Tensor) -> float | None:
     return float(np.logical_and(prev_pruned, now_pruned).sum() / union) if union else 1.0
 
 
-def _outside_heap(packed: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-    """The call's bit-packed masks copied into one anonymous memory map. They live until the next
-    call; as a few hundred small arrays in the allocator's heap they would sit between the next
-    epoch's activations and split its free space."""
-    total = sum(a.nbytes for a in packed.values())
-    if not total:
-        return dict(packed)
-    region = np.frombuffer(mmap.mmap(-1, total), dtype=np.uint8)
-    moved, offset = {}, 0
-    for name, bits in packed.items():
-        moved[name] = region[offset:offset + bits.nbytes]
-        moved[name][:] = bits
-        offset += bits.nbytes
-    return moved
-
-
 @torch.no_grad()
 def prune(model, calib, config: PruneConfig | None = None, *, memory: PruneMemory | None = None,
           recorded=None) -> PruneReport:
@@ -278,7 +261,7 @@ def prune(model, calib, config: PruneConfig | None = None, *, memory: PruneMemor
         memory.scores.commit()
     else:
         memory.scores.clear()
-    memory.masks.update(_outside_heap(new_masks))
+    memory.masks.update(new_masks)
     memory.calls += 1
     report.seconds = time.perf_counter() - started
     log.info("pruning call %d: sparsity %.4f in %.1f s", report.call, report.sparsity, report.seconds)

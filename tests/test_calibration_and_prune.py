@@ -1,6 +1,5 @@
 """The sequential calibration pass, one pruning call end to end, and its guarantees."""
 import math
-import mmap
 
 import numpy as np
 import pytest
@@ -146,24 +145,17 @@ def test_score_memory_and_overlap(offload):
     assert len(memory.scores) == 0 and memory.scores.get(name) is None
 
 
-def test_kept_masks_match_the_weights_and_live_in_one_memory_map():
+def test_kept_masks_match_the_weights():
     model = lora_model()
     memory = PruneMemory()
     for _ in range(2):
         prune(model, padded_calib(), PruneConfig(sparsity=0.3), memory=memory)
-        owners = set()
         for block in architecture_map(model).blocks:
             for role, module in block.targets.items():
                 weight = base_linear(module).weight
                 packed = memory.masks[block.qualified(role)]
                 keep = np.unpackbits(packed, count=weight.numel()).astype(bool).reshape(weight.shape)
                 assert torch.equal(torch.from_numpy(keep), weight != 0)
-                owner = packed
-                while isinstance(owner, (np.ndarray, memoryview)):
-                    owner = owner.base if isinstance(owner, np.ndarray) else owner.obj
-                owners.add(id(owner))
-                assert isinstance(owner, mmap.mmap)
-        assert len(owners) == 1
 
 
 def test_score_store_files_and_ram_agree():
