@@ -26,7 +26,7 @@ import tempfile
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from overhead import KINDS  # noqa: E402
+from overhead import KINDS, setup  # noqa: E402
 
 
 def heap_snapshot() -> dict:
@@ -55,20 +55,9 @@ def heap_snapshot() -> dict:
 
 def child(kind: str, steps: int) -> None:
     from efx.arch import unwrap
-    from efx.callback import EfficientXpertCallback
-    from efx.data import load_suite
-    from efx.models import load_model
-    from efx.pipelines import calibration_batches
-    from efx.run import RunSettings
     from efx.training import add_lora, train_lora
 
-    settings = RunSettings()
-    model, tok = load_model()
-    suite = load_suite(settings.domain)
-    callbacks = []
-    if kind != "lora":
-        calib = calibration_batches(tok, suite.train, n=settings.calib, seed=settings.seed, system=suite.system)
-        callbacks = [EfficientXpertCallback(calib, settings.prune_config(), statistics=KINDS[kind])]
+    settings, model, tok, suite, callbacks = setup(kind, "medical")
     model = add_lora(model, settings.lora(), settings.seed)
     snapshots = []
     unwrap(model).lm_head.register_forward_hook(

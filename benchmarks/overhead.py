@@ -21,24 +21,32 @@ from pathlib import Path
 KINDS = {"efficientxpert": "calibration", "efficientxpert-trainstats": "training"}  # kind -> statistics
 
 
-def child(kind: str, domain: str) -> None:
-    import resource
-
+def setup(kind: str, domain: str):
+    """(settings, model, tokenizer, suite, callbacks) of one run of `kind` ("lora" or a KINDS key)."""
     from efx.callback import EfficientXpertCallback
     from efx.data import load_suite
-    from efx.measure import measure
     from efx.models import load_model
     from efx.pipelines import calibration_batches
     from efx.run import RunSettings
-    from efx.training import train_lora
 
     settings = RunSettings(domain=domain)
     model, tok = load_model()
     suite = load_suite(domain)
-    callbacks, calls = [], []
+    callbacks = []
     if kind != "lora":
         calib = calibration_batches(tok, suite.train, n=settings.calib, seed=settings.seed, system=suite.system)
         callbacks = [EfficientXpertCallback(calib, settings.prune_config(), statistics=KINDS[kind])]
+    return settings, model, tok, suite, callbacks
+
+
+def child(kind: str, domain: str) -> None:
+    import resource
+
+    from efx.measure import measure
+    from efx.training import train_lora
+
+    settings, model, tok, suite, callbacks = setup(kind, domain)
+    calls = []
     record: dict = {}
     with measure(record, "train"):
         train_lora(model, tok, suite.train, lora=settings.lora(), training=settings.training(), callbacks=callbacks,
