@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import ctypes
+import functools
 import json
 import os
 import re
@@ -29,15 +30,21 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from overhead import KINDS, setup  # noqa: E402
 
 
-def heap_snapshot() -> dict:
-    """RSS, main-heap size, free bytes inside it and mmapped bytes, in MB (glibc malloc_info)."""
-    from efx.measure import rss_bytes
-
+@functools.cache
+def _libc() -> ctypes.CDLL:
     libc = ctypes.CDLL("libc.so.6")
     libc.fopen.restype = ctypes.c_void_p
     libc.fopen.argtypes = [ctypes.c_char_p, ctypes.c_char_p]
     libc.malloc_info.argtypes = [ctypes.c_int, ctypes.c_void_p]
     libc.fclose.argtypes = [ctypes.c_void_p]
+    return libc
+
+
+def heap_snapshot() -> dict:
+    """RSS, main-heap size, free bytes inside it and mmapped bytes, in MB (glibc malloc_info)."""
+    from efx.measure import rss_bytes
+
+    libc = _libc()
     with tempfile.NamedTemporaryFile(suffix=".xml") as handle:
         stream = libc.fopen(handle.name.encode(), b"w")
         libc.malloc_info(0, stream)
@@ -55,11 +62,10 @@ def heap_snapshot() -> dict:
 
 def child(kind: str, steps: int) -> None:
     from efx.arch import unwrap
-    from efx.training import add_lora, train_lora
+    from efx.training import train_lora
 
     settings, model, tok, suite, callbacks = setup(kind, "medical")
-    model = add_lora(model, settings.lora(), settings.seed)
-    snapshots = []
+    snapshots = []  # the LM head is no LoRA target: train_lora's wrapping keeps this module and its hook
     unwrap(model).lm_head.register_forward_hook(
         lambda module, args, output: snapshots.append(heap_snapshot()) if module.training else None)
     training = settings.training()

@@ -60,7 +60,7 @@ class ActivationRecorder:
 
     def _column_buffer(self, n: int, device: torch.device) -> torch.Tensor:
         """The held buffer the column sums of an input of width n are computed in."""
-        key = (n, torch.device(device))
+        key = (n, device)
         if key not in self._column_buffers:
             self._column_buffers[key] = self._zeros(n, device)
         return self._column_buffers[key]
