@@ -52,8 +52,7 @@ def child(kind: str, domain: str) -> None:
         train_lora(model, tok, suite.train, lora=settings.lora(), training=settings.training(), callbacks=callbacks,
                    system=suite.system)
     if callbacks:
-        calls = [{"when": c["when"], "seconds": c["seconds"], "release_seconds": c.get("release_seconds")}
-                 for c in callbacks[0].reports]
+        calls = [{"when": c["when"], "seconds": c["seconds"]} for c in callbacks[0].reports]
     print("RESULT " + json.dumps({"kind": kind, **record["train"], "calls": calls,
                                   "process_max_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}))
 

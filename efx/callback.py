@@ -3,12 +3,11 @@ that prunes on a schedule and ends with a merged, exactly sparse model."""
 from __future__ import annotations
 
 import logging
-import time
 from dataclasses import replace
 
 from transformers import TrainerCallback
 
-from efx import heap, masked_adapter
+from efx import masked_adapter
 from efx.activation_recorder import ActivationRecorder
 from efx.arch import architecture_map
 from efx.prune import PruneConfig, PruneMemory, prune
@@ -39,9 +38,6 @@ class EfficientXpertCallback(TrainerCallback):
             section 2) or "training" (each call uses the activation statistics recorded during
             the training forwards since the previous call: no extra forward pass, see
             `efx.activation_recorder`; not for methods that need the Hessian).
-        release_memory: after each call, hand the free pages of the C heap back to the OS
-            (`efx.heap`): the call's undo copies and temporaries are freed by then, and training
-            resumes without them resident. The report entry's "release_seconds" is its cost.
         prune_at_start: also prune once before the first step (efx option), so that the whole
             LoRA budget trains on the sparse base; that call runs the calibration pass (nothing is
             recorded yet), so it needs `calib` whatever `statistics` is.
@@ -49,7 +45,7 @@ class EfficientXpertCallback(TrainerCallback):
 
     def __init__(self, calib, config: PruneConfig | None = None, *, schedule: str = "epoch",
                  every_steps: int | None = None, reset_optimizer: bool = False, masked_adapter: bool = False,
-                 statistics: str = "calibration", prune_at_start: bool = False, release_memory: bool = True):
+                 statistics: str = "calibration", prune_at_start: bool = False):
         if schedule not in ("epoch", "steps"):
             raise ValueError(f"schedule {schedule!r}: expected 'epoch' or 'steps'")
         if schedule == "steps" and not every_steps:
@@ -72,7 +68,6 @@ class EfficientXpertCallback(TrainerCallback):
         self.masked_adapter = masked_adapter
         self.statistics = statistics
         self.prune_at_start = prune_at_start
-        self.release_memory = release_memory
         self.recorder: ActivationRecorder | None = None
         self.memory = PruneMemory()
         self.reports: list[dict] = []
@@ -88,10 +83,6 @@ class EfficientXpertCallback(TrainerCallback):
             masked_adapter.attach(arch, self.memory.masks)
         entry = report.to_dict()
         entry["when"] = when
-        if self.release_memory:
-            start = time.perf_counter()
-            heap.release_free_memory()
-            entry["release_seconds"] = time.perf_counter() - start
         self.reports.append(entry)
         if self.reset_optimizer and optimizer is not None:
             optimizer.state.clear()
