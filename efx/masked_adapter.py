@@ -17,6 +17,7 @@ import numpy as np
 import torch
 
 from efx.arch import ArchMap, base_linear, lora_parts
+from efx.prune import unpack_mask
 
 
 class _MaskedDelta(torch.autograd.Function):
@@ -76,9 +77,8 @@ def attach(arch: ArchMap, masks: dict[str, np.ndarray]) -> int:
             if packed is None or lora_parts(module) is None:
                 continue
             weight = base_linear(module).weight
-            keep = np.unpackbits(packed, count=weight.numel()).astype(bool).reshape(weight.shape)
             # stored in the adapter's dtype once, so the forward multiplies without a conversion
-            mask = torch.from_numpy(keep).to(weight.device, lora_parts(module)[0].dtype)
+            mask = unpack_mask(packed, weight.shape).to(weight.device, lora_parts(module)[0].dtype)
             module.forward = _masked_forward(module, mask)  # instance attribute: shadows the class forward
             module._efx_mask = mask
             count += 1

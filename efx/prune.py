@@ -186,11 +186,21 @@ def reset_adapter(module, generator: torch.Generator) -> None:
         B.zero_()
 
 
+def pack_mask(keep: torch.Tensor) -> np.ndarray:
+    """A bool keep-mask as `PruneMemory` keeps it: one bit per weight, row-major."""
+    return np.packbits(keep.reshape(-1).cpu().numpy())
+
+
+def unpack_mask(packed: np.ndarray, shape: tuple[int, ...] | torch.Size) -> torch.Tensor:
+    """The bool keep-mask (CPU) of `shape` that `pack_mask` packed."""
+    return torch.from_numpy(np.unpackbits(packed, count=math.prod(shape)).astype(bool)).reshape(shape)
+
+
 def _overlap(previous: np.ndarray | None, keep: torch.Tensor) -> float | None:
     """Jaccard overlap of the pruned sets of two calls."""
     if previous is None:
         return None
-    prev_pruned = ~np.unpackbits(previous, count=keep.numel()).astype(bool)
+    prev_pruned = ~unpack_mask(previous, (keep.numel(),)).numpy()
     now_pruned = ~keep.reshape(-1).cpu().numpy()
     union = np.logical_or(prev_pruned, now_pruned).sum()
     return float(np.logical_and(prev_pruned, now_pruned).sum() / union) if union else 1.0
@@ -327,7 +337,7 @@ def _prune_module(arch, block, role, module, stats, config, memory, name, undo, 
     weight.copy_(merged.to(weight.dtype))
     reset_adapter(module, generator)
     kept = int(keep.sum())
-    new_masks[name] = np.packbits(keep.reshape(-1).cpu().numpy())
+    new_masks[name] = pack_mask(keep)
     report.modules[name] = {"role": role, "block": block.index, "shape": list(weight.shape), "kept": kept,
                             "total": keep.numel(), "sparsity": 1.0 - kept / keep.numel(),
                             "zeros": int((weight == 0).sum()),

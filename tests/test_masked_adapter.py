@@ -1,6 +1,5 @@
 """Masked adapter between pruning calls: the delta's gradients, the forward it replaces, and a
 schedule whose final call loses nothing because training never left the mask."""
-import numpy as np
 import pytest
 import torch
 
@@ -9,7 +8,7 @@ from efx import masked_adapter
 from efx.arch import architecture_map, base_linear, lora_parts
 from efx.callback import EfficientXpertCallback
 from efx.pipelines import calibration_batches, unload
-from efx.prune import PruneConfig
+from efx.prune import PruneConfig, pack_mask, unpack_mask
 from efx.training import LoraSettings, TrainSettings, add_lora, train_lora
 
 EXAMPLES = [{"prompt": f"say {w}", "completion": w} for w in ("alpha", "beta", "gamma", "delta")] * 4
@@ -37,7 +36,7 @@ def random_masks(arch, sparsity=0.5, seed=0):
     for block in arch.blocks:
         for role, module in block.targets.items():
             keep = torch.rand(base_linear(module).weight.shape, generator=gen) >= sparsity
-            masks[block.qualified(role)] = np.packbits(keep.reshape(-1).numpy())
+            masks[block.qualified(role)] = pack_mask(keep)
     return masks
 
 
@@ -59,8 +58,7 @@ def test_attach_and_fold_compute_the_masked_effective_weight():
         for block, ref_block in zip(arch.blocks, ref_arch.blocks):
             for role, module in block.targets.items():
                 A, B, scale = lora_parts(module)
-                keep = torch.from_numpy(np.unpackbits(masks[block.qualified(role)], count=A.shape[1] * B.shape[0])
-                                        .astype(bool)).reshape(B.shape[0], A.shape[1])
+                keep = unpack_mask(masks[block.qualified(role)], (B.shape[0], A.shape[1]))
                 base_linear(ref_block.targets[role]).weight.add_(keep * (scale * B @ A))
         expected = reference(input_ids=ids).logits
     torch.testing.assert_close(attached, expected, rtol=1e-5, atol=1e-5)
