@@ -15,7 +15,7 @@ setup(
         "transformers>=4.56",
         "peft>=0.17",
         "accelerate>=1.0",
-        "numpy",
+        "numpy>=2.0",
         "gguf>=0.10",
         "safetensors",
         "tqdm",

@@ -1,6 +1,15 @@
-"""Wall time and peak resident memory of a stage, measured the same way for every method."""
+"""Wall time and peak memory of a stage, measured the same way for every method.
+
+Two memory figures: the peak resident set size (what the machine must have) and, with glibc,
+the peak of the bytes the program holds from malloc (`mallinfo2`: allocated chunks plus mmapped
+blocks). The RSS also counts free chunks the allocator keeps inside its heap, and how tightly a
+run's tensors pack there changes from run to run; the bytes in use do not depend on that layout,
+so they show what a change to the program itself costs.
+"""
 from __future__ import annotations
 
+import ctypes
+import functools
 import os
 import threading
 import time
@@ -19,18 +28,51 @@ def rss_bytes() -> int:
         return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 
 
+class _MallInfo2(ctypes.Structure):
+    _fields_ = [(name, ctypes.c_size_t) for name in ("arena", "ordblks", "smblks", "hblks", "hblkhd", "usmblks",
+                                                       "fsmblks", "uordblks", "fordblks", "keepcost")]
+
+
+@functools.cache
+def _mallinfo2():
+    """glibc's mallinfo2 (2.33 and later), or None elsewhere."""
+    try:
+        function = ctypes.CDLL("libc.so.6").mallinfo2
+    except (OSError, AttributeError):
+        return None
+    function.restype = _MallInfo2
+    function.argtypes = []
+    return function
+
+
+def heap_in_use_bytes() -> int | None:
+    """Bytes held from malloc over every arena (allocated chunks + mmapped blocks); None
+    without glibc."""
+    function = _mallinfo2()
+    if function is None:
+        return None
+    info = function()
+    return info.uordblks + info.hblkhd
+
+
 @contextmanager
 def measure(record: dict, key: str, interval: float = 0.05):
-    """Record `{key: {"seconds", "peak_rss_mb"}}` for the body: wall time, and the peak RSS seen
-    by a sampling thread (every `interval` s, plus the start and the end)."""
-    peak = [rss_bytes()]
+    """Record `{key: {"seconds", "peak_rss_mb", "peak_heap_in_use_mb"}}` for the body: wall time,
+    and the peaks seen by a sampling thread (every `interval` s, plus the start and the end) of
+    the RSS and of the bytes in use from malloc (None without glibc)."""
+    peak = [rss_bytes(), heap_in_use_bytes()]
     stop = threading.Event()
 
     def sample():
-        while not stop.wait(interval):
-            peak[0] = max(peak[0], rss_bytes())
+        peak[0] = max(peak[0], rss_bytes())
+        if peak[1] is not None:
+            peak[1] = max(peak[1], heap_in_use_bytes())
 
-    thread = threading.Thread(target=sample, daemon=True)
+    def run():
+        while not stop.wait(interval):
+            sample()
+
+    thread = threading.Thread(target=run, daemon=True)
     start = time.perf_counter()
     thread.start()
     try:
@@ -38,5 +80,6 @@ def measure(record: dict, key: str, interval: float = 0.05):
     finally:
         stop.set()
         thread.join()
-        peak[0] = max(peak[0], rss_bytes())
-        record[key] = {"seconds": time.perf_counter() - start, "peak_rss_mb": peak[0] / 2**20}
+        sample()
+        record[key] = {"seconds": time.perf_counter() - start, "peak_rss_mb": peak[0] / 2**20,
+                       "peak_heap_in_use_mb": None if peak[1] is None else peak[1] / 2**20}

@@ -196,14 +196,15 @@ def unpack_mask(packed: np.ndarray, shape: tuple[int, ...] | torch.Size) -> torc
     return torch.from_numpy(np.unpackbits(packed, count=math.prod(shape)).astype(bool)).reshape(shape)
 
 
-def _overlap(previous: np.ndarray | None, keep: torch.Tensor) -> float | None:
-    """Jaccard overlap of the pruned sets of two calls."""
+def _overlap(previous: np.ndarray | None, packed: np.ndarray, numel: int) -> float | None:
+    """Jaccard overlap of the pruned sets of two calls, counted on their packed masks: a pruned
+    weight is a 0 bit, and the bits `pack_mask` pads the last byte with (0 in both) are taken off."""
     if previous is None:
         return None
-    prev_pruned = ~unpack_mask(previous, (keep.numel(),)).numpy()
-    now_pruned = ~keep.reshape(-1).cpu().numpy()
-    union = np.logical_or(prev_pruned, now_pruned).sum()
-    return float(np.logical_and(prev_pruned, now_pruned).sum() / union) if union else 1.0
+    pad = 8 * packed.size - numel
+    both = int(np.bitwise_count(~(previous | packed)).sum(dtype=np.int64)) - pad
+    either = int(np.bitwise_count(~(previous & packed)).sum(dtype=np.int64)) - pad
+    return both / either if either else 1.0
 
 
 @torch.no_grad()
@@ -337,8 +338,8 @@ def _prune_module(arch, block, role, module, stats, config, memory, name, undo, 
     weight.copy_(merged.to(weight.dtype))
     reset_adapter(module, generator)
     kept = int(keep.sum())
-    new_masks[name] = pack_mask(keep)
+    new_masks[name] = packed = pack_mask(keep)
     report.modules[name] = {"role": role, "block": block.index, "shape": list(weight.shape), "kept": kept,
                             "total": keep.numel(), "sparsity": 1.0 - kept / keep.numel(),
                             "zeros": int((weight == 0).sum()),
-                            "overlap_prev": _overlap(memory.masks.get(name), keep)}
+                            "overlap_prev": _overlap(memory.masks.get(name), packed, keep.numel())}

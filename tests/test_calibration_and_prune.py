@@ -9,7 +9,7 @@ from efx.arch import architecture_map, base_linear
 from efx.baselines import sparsegpt, wanda_score
 from efx.calibration import calibrate
 from efx.foresight import select_keep_mask
-from efx.prune import PruneConfig, PruneMemory, prune, unpack_mask
+from efx.prune import PruneConfig, PruneMemory, _overlap, pack_mask, prune, unpack_mask
 from efx.score_store import ScoreStore
 from efx.training import LoraSettings, add_lora
 
@@ -142,6 +142,19 @@ def test_score_memory_and_overlap(offload):
     assert 0.0 < second.mask_overlap <= 1.0
     prune(model, padded_calib(), PruneConfig(sparsity=0.3, use_memory=False), memory=memory)
     assert len(memory.scores) == 0 and memory.scores.get(name) is None
+
+
+@pytest.mark.parametrize("shape", [(5, 13), (8, 8)])  # 65 bits pad the last byte; 64 do not
+def test_mask_overlap_on_packed_bits_is_the_jaccard_index_of_the_pruned_sets(shape):
+    gen = torch.Generator().manual_seed(3)
+    a, b = (torch.rand(shape, generator=gen) > 0.4 for _ in range(2))
+    pruned_a, pruned_b = set(torch.nonzero(~a.reshape(-1)).flatten().tolist()), \
+        set(torch.nonzero(~b.reshape(-1)).flatten().tolist())
+    want = len(pruned_a & pruned_b) / len(pruned_a | pruned_b)
+    assert _overlap(pack_mask(a), pack_mask(b), a.numel()) == pytest.approx(want)
+    assert _overlap(None, pack_mask(b), b.numel()) is None
+    everything = torch.ones(shape, dtype=torch.bool)  # nothing pruned in either call
+    assert _overlap(pack_mask(everything), pack_mask(everything), everything.numel()) == 1.0
 
 
 def test_kept_masks_match_the_weights():

@@ -113,9 +113,10 @@ def test_ties_are_deterministic():
     assert torch.equal(select_keep_mask(score, 0.0, "2:4"), select_keep_mask(score.clone(), 0.0, "2:4"))
 
 
+@pytest.mark.parametrize("offset", [0.0, -1.5])  # non-negative scores rank by bit pattern, signed ones by value
 @pytest.mark.parametrize("granularity", ["row", "matrix"])
-def test_selection_with_many_ties_matches_a_stable_sort(granularity):
-    score = torch.randint(0, 4, (9, 24), generator=torch.Generator().manual_seed(1)).float()
+def test_selection_with_many_ties_matches_a_stable_sort(granularity, offset):
+    score = torch.randint(0, 4, (9, 24), generator=torch.Generator().manual_seed(1)).float() + offset
     score[2] = 0.0
     flat = score if granularity == "row" else score.reshape(1, -1)
     k = math.floor(flat.shape[1] * 0.4)
