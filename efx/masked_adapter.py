@@ -13,7 +13,6 @@ at full size; it is recomputed in backward rather than kept).
 """
 from __future__ import annotations
 
-import numpy as np
 import torch
 
 from efx.arch import ArchMap, base_linear, lora_parts
@@ -67,9 +66,9 @@ def _masked_forward(module, mask: torch.Tensor):
     return forward
 
 
-def attach(arch: ArchMap, masks: dict[str, np.ndarray]) -> int:
-    """Mask the adapter delta of every LoRA target named in `masks` (bit-packed keep-masks as kept
-    by `PruneMemory`). Returns the number of targets masked."""
+def attach(arch: ArchMap, masks) -> int:
+    """Mask the adapter delta of every LoRA target named in `masks` (a mapping with `get`, such
+    as `PruneMemory.masks`, of bit-packed keep-masks). Returns the number of targets masked."""
     count = 0
     for block in arch.blocks:
         for role, module in block.targets.items():

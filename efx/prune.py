@@ -21,7 +21,7 @@ import efx_kernels
 from efx.foresight import (GRANULARITIES, PRESETS, activation_statistic, foresight_score, parse_pattern,
                            score_inputs, select_keep_mask)
 from efx.pbs import hessian_pbs, partial_brain_surgeon
-from efx.score_store import ScoreStore
+from efx.call_store import CallStore
 
 log = logging.getLogger(__name__)
 
@@ -107,12 +107,12 @@ class PruneConfig:
 
 @dataclass
 class PruneMemory:
-    """What a schedule carries from one call to the next: blended scores (bf16, two bytes per
-    weight, in temporary files by default: see `efx.score_store`) and the previous keep-masks
-    (bit-packed in RAM: one bit per weight)."""
+    """What a schedule carries from one call to the next, by target name: blended scores (bf16,
+    two bytes per weight) and the previous keep-masks (uint8, bit-packed by `pack_mask`: one bit
+    per weight), both in temporary files by default (see `efx.call_store`)."""
 
-    scores: ScoreStore = field(default_factory=ScoreStore)
-    masks: dict[str, np.ndarray] = field(default_factory=dict)
+    scores: CallStore = field(default_factory=CallStore)
+    masks: CallStore = field(default_factory=CallStore)
     calls: int = 0
 
 
@@ -191,17 +191,18 @@ def pack_mask(keep: torch.Tensor) -> np.ndarray:
     return np.packbits(keep.reshape(-1).cpu().numpy())
 
 
-def unpack_mask(packed: np.ndarray, shape: tuple[int, ...] | torch.Size) -> torch.Tensor:
-    """The bool keep-mask (CPU) of `shape` that `pack_mask` packed."""
-    return torch.from_numpy(np.unpackbits(packed, count=math.prod(shape)).astype(bool)).reshape(shape)
+def unpack_mask(packed: np.ndarray | torch.Tensor, shape: tuple[int, ...] | torch.Size) -> torch.Tensor:
+    """The bool keep-mask (CPU) of `shape` that `pack_mask` packed (as an array or a uint8 tensor)."""
+    return torch.from_numpy(np.unpackbits(np.asarray(packed), count=math.prod(shape)).astype(bool)).reshape(shape)
 
 
-def _overlap(previous: np.ndarray | None, packed: np.ndarray, numel: int) -> float | None:
+def _overlap(previous: np.ndarray | torch.Tensor | None, packed: np.ndarray, numel: int) -> float | None:
     """Jaccard overlap of the pruned sets of two calls, counted on their packed masks: a pruned
     weight is a 0 bit, and the bits `pack_mask` pads the last byte with (0 in both) are taken off."""
     if previous is None:
         return None
     pad = 8 * packed.size - numel
+    previous = np.asarray(previous)
     both = int(np.bitwise_count(~(previous | packed)).sum(dtype=np.int64)) - pad
     either = int(np.bitwise_count(~(previous & packed)).sum(dtype=np.int64)) - pad
     return both / either if either else 1.0
@@ -240,7 +241,6 @@ def prune(model, calib, config: PruneConfig | None = None, *, memory: PruneMemor
     memory = memory if memory is not None else PruneMemory()
     report = PruneReport(config=asdict(config), call=memory.calls + 1)
     undo: list[tuple[torch.Tensor, torch.Tensor]] = []
-    new_masks: dict[str, np.ndarray] = {}
     generator = torch.Generator().manual_seed(config.seed * 1_000_003 + memory.calls)
 
     def on_block(block, stats):
@@ -248,7 +248,7 @@ def prune(model, calib, config: PruneConfig | None = None, *, memory: PruneMemor
             start = time.perf_counter()
             name = block.qualified(role)
             module = block.targets[role]
-            _prune_module(arch, block, role, module, stats[role], config, memory, name, undo, new_masks, report,
+            _prune_module(arch, block, role, module, stats[role], config, memory, name, undo, report,
                           generator)
             report.modules[name]["seconds"] = time.perf_counter() - start
 
@@ -264,6 +264,7 @@ def prune(model, calib, config: PruneConfig | None = None, *, memory: PruneMemor
         for target, saved in reversed(undo):
             target.copy_(saved.to(target.device))
         memory.scores.discard()
+        memory.masks.discard()
         log.error("pruning failed; every modified weight was restored")
         raise
     finally:
@@ -272,14 +273,14 @@ def prune(model, calib, config: PruneConfig | None = None, *, memory: PruneMemor
         memory.scores.commit()
     else:
         memory.scores.clear()
-    memory.masks.update(new_masks)
+    memory.masks.commit()
     memory.calls += 1
     report.seconds = time.perf_counter() - started
     log.info("pruning call %d: sparsity %.4f in %.1f s", report.call, report.sparsity, report.seconds)
     return report
 
 
-def _prune_module(arch, block, role, module, stats, config, memory, name, undo, new_masks, report,
+def _prune_module(arch, block, role, module, stats, config, memory, name, undo, report,
                   generator) -> None:
     weight = base_linear(module).weight
     parts = lora_parts(module)
@@ -305,7 +306,7 @@ def _prune_module(arch, block, role, module, stats, config, memory, name, undo, 
         prev = memory.scores.get(name) if config.use_memory else None
         score = foresight_score(arch, block, role, stats, config.preset, prev=prev, eta=config.mask_lr)
         if config.use_memory:
-            memory.scores.stage(name, score)
+            memory.scores.stage(name, score.to(torch.bfloat16))
         keep = select_keep_mask(score, sparsity, config.pattern, config.granularity)
     elif config.method == "sparsegpt":
         merged, keep = baselines.sparsegpt(combined(), stats.hessian, sparsity, config.pattern,
@@ -338,7 +339,8 @@ def _prune_module(arch, block, role, module, stats, config, memory, name, undo, 
     weight.copy_(merged.to(weight.dtype))
     reset_adapter(module, generator)
     kept = int(keep.sum())
-    new_masks[name] = packed = pack_mask(keep)
+    packed = pack_mask(keep)
+    memory.masks.stage(name, torch.from_numpy(packed))
     report.modules[name] = {"role": role, "block": block.index, "shape": list(weight.shape), "kept": kept,
                             "total": keep.numel(), "sparsity": 1.0 - kept / keep.numel(),
                             "zeros": int((weight == 0).sum()),

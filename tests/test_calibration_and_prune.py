@@ -10,7 +10,7 @@ from efx.baselines import sparsegpt, wanda_score
 from efx.calibration import calibrate
 from efx.foresight import select_keep_mask
 from efx.prune import PruneConfig, PruneMemory, _overlap, pack_mask, prune, unpack_mask
-from efx.score_store import ScoreStore
+from efx.call_store import CallStore
 from efx.training import LoraSettings, add_lora
 
 
@@ -133,7 +133,7 @@ def test_merge_applies_the_adapter_before_masking():
 @pytest.mark.parametrize("offload", [True, False])
 def test_score_memory_and_overlap(offload):
     model = lora_model()
-    memory = PruneMemory(scores=ScoreStore(offload=offload))
+    memory = PruneMemory(scores=CallStore(offload=offload), masks=CallStore(offload=offload))
     first = prune(model, padded_calib(), PruneConfig(sparsity=0.3), memory=memory)
     assert first.mask_overlap is None and memory.calls == 1 and len(memory.scores) == 14
     name = "model.layers.0.mlp.up_proj"
@@ -165,22 +165,25 @@ def test_kept_masks_match_the_weights():
         for block in architecture_map(model).blocks:
             for role, module in block.targets.items():
                 weight = base_linear(module).weight
-                packed = memory.masks[block.qualified(role)]
+                packed = memory.masks.get(block.qualified(role))
                 assert torch.equal(unpack_mask(packed, weight.shape), weight != 0)
 
 
-def test_score_store_files_and_ram_agree():
-    score = torch.randn(7, 9)
-    stores = [ScoreStore(offload=True), ScoreStore(offload=False)]
+def test_call_store_files_and_ram_agree():
+    score = torch.randn(7, 9).to(torch.bfloat16)
+    packed = torch.from_numpy(pack_mask(torch.rand(5, 13) > 0.5))
+    stores = [CallStore(offload=True), CallStore(offload=False)]
     for store in stores:
         store.stage("a", score)
+        store.stage("m", packed)
         assert store.get("a") is None            # staged, not committed
         store.commit()
         store.stage("a", score * 2)
-        store.discard()                          # a failed call leaves the committed scores
-        assert torch.equal(store.get("a"), score.to(torch.bfloat16))
+        store.discard()                          # a failed call leaves the committed entries
+        assert torch.equal(store.get("a"), score) and store.get("a").dtype == torch.bfloat16
+        assert torch.equal(store.get("m"), packed) and store.get("m").dtype == torch.uint8
     folder = stores[0]._root
-    assert len(list(folder.rglob("*.bin"))) == 1
+    assert len(list(folder.rglob("*.bin"))) == 2
     del stores
     assert not folder.exists()               # the temporary folder goes with the store
 

@@ -1,0 +1,101 @@
+"""Where what a pruning schedule carries from one call to the next waits between calls: the
+blended ForeSight scores of the score memory (method.md section 3; one bf16 value per weight)
+and the previous call's bit-packed keep-masks (one bit per weight). Either in RAM or, by
+default, in files of a private temporary folder, so that they cost no memory while training
+runs between calls. A call reads one target's previous entry at a time and stages its new one;
+the staged entries replace the old ones only when the whole call succeeds.
+
+Cost of the files: the bytes are written and read once per call (for SmolLM2-135M's targets
+about 0.2 GB of scores and 13 MB of masks each way); in RAM they would be held for the whole run.
+"""
+from __future__ import annotations
+
+import shutil
+import tempfile
+from pathlib import Path
+from typing import NamedTuple
+
+import numpy as np
+import torch
+
+
+class _File(NamedTuple):
+    path: Path
+    shape: tuple[int, ...]
+    dtype: torch.dtype
+
+
+class CallStore:
+    """Mapping of target name -> CPU tensor (of the dtype it was staged in), in RAM or in files."""
+
+    def __init__(self, offload: bool = True, folder: str | Path | None = None):
+        self.offload = offload
+        self._ram: dict[str, torch.Tensor] = {}
+        self._staged: dict[str, torch.Tensor] = {}
+        self._files: dict[str, _File] = {}
+        self._staged_files: dict[str, _File] = {}
+        self._root = Path(tempfile.mkdtemp(prefix="efx-calls-", dir=folder)) if offload else None
+        self._generation = 0
+
+    def __len__(self) -> int:
+        return len(self._files if self.offload else self._ram)
+
+    def __contains__(self, name: str) -> bool:
+        return name in (self._files if self.offload else self._ram)
+
+    def get(self, name: str) -> torch.Tensor | None:
+        """The committed tensor of `name` (CPU), or None."""
+        if not self.offload:
+            return self._ram.get(name)
+        entry = self._files.get(name)
+        if entry is None:
+            return None
+        raw = torch.from_numpy(np.fromfile(entry.path, dtype=np.uint8))
+        return raw.view(entry.dtype).reshape(entry.shape)
+
+    def stage(self, name: str, value: torch.Tensor) -> None:
+        """Keep the new tensor of `name` aside until `commit`."""
+        value = value.detach().to("cpu").contiguous()
+        if not self.offload:
+            self._staged[name] = value
+            return
+        folder = self._root / f"call{self._generation + 1}"
+        folder.mkdir(exist_ok=True)
+        path = folder / f"{len(self._staged_files)}.bin"
+        value.reshape(-1).view(torch.uint8).numpy().tofile(path)
+        self._staged_files[name] = _File(path, tuple(value.shape), value.dtype)
+
+    def commit(self) -> None:
+        """The staged entries replace the committed ones (targets not staged keep theirs)."""
+        if not self.offload:
+            self._ram.update(self._staged)
+            self._staged = {}
+            return
+        self._files.update(self._staged_files)
+        self._staged_files = {}
+        self._generation += 1
+        self._remove_unreferenced()
+
+    def discard(self) -> None:
+        """Drop what was staged (a failed call)."""
+        self._staged = {}
+        for entry in self._staged_files.values():
+            entry.path.unlink(missing_ok=True)
+        self._staged_files = {}
+
+    def clear(self) -> None:
+        """Forget every entry (a call without score memory)."""
+        self.discard()
+        self._ram = {}
+        self._files = {}
+        self._remove_unreferenced()
+
+    def _remove_unreferenced(self) -> None:
+        live = {entry.path.parent for entry in self._files.values()}
+        for folder in self._root.iterdir() if self._root else ():
+            if folder not in live:
+                shutil.rmtree(folder, ignore_errors=True)
+
+    def __del__(self):
+        if getattr(self, "_root", None) is not None:
+            shutil.rmtree(self._root, ignore_errors=True)
