@@ -1,6 +1,6 @@
 """Where a training run's peak memory goes: bytes in use against the size of glibc's heap.
 
-    python benchmarks/heap_probe.py [--steps 8] [--repeats 2] [--kinds lora efficientxpert-trainstats]
+    python benchmarks/heap_probe.py [--steps 8] [--repeats 2] [--kinds lora efficientxpert-trainstats-all]
         [--malloc-env MALLOC_MMAP_THRESHOLD_=131072] [--output benchmarks/results]
 
 Each run (its own process, alternating order) trains the overhead benchmark's model, data and
@@ -79,7 +79,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--steps", type=int, default=8)
     parser.add_argument("--repeats", type=int, default=2)
-    parser.add_argument("--kinds", nargs="+", default=["lora", "efficientxpert-trainstats"],
+    parser.add_argument("--kinds", nargs="+", default=["lora", "efficientxpert-trainstats-all"],
                         choices=["lora", *KINDS])
     parser.add_argument("--malloc-env", nargs="*", default=[], help="NAME=VALUE glibc tunables for the runs")
     parser.add_argument("--tag", default="")

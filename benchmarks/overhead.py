@@ -4,8 +4,10 @@ each run in its own process (so peak memory is not polluted by the other), alter
     python benchmarks/overhead.py [--domain medical] [--repeats 2] [--kinds efficientxpert ...]
         [--output benchmarks/results]
 
-Kinds: "efficientxpert" (each pruning call runs its calibration pass) and
-"efficientxpert-trainstats" (statistics recorded during training, no extra forward).
+Kinds: "efficientxpert" (each pruning call runs its calibration pass),
+"efficientxpert-trainstats" (statistics recorded during training, no extra forward, in the last
+optimizer steps before each call: the `efx run` default) and "efficientxpert-trainstats-all"
+(recorded in every training step).
 Writes overhead.json: per run the training wall time, every epoch's wall time (without the
 pruning call at its start), the peak RSS and the peak bytes in use from malloc (`efx.measure`),
 the pruning time of every call; per kind the ratios EfficientXpert / LoRA of the whole run's
@@ -21,7 +23,9 @@ import subprocess
 import sys
 from pathlib import Path
 
-KINDS = {"efficientxpert": "calibration", "efficientxpert-trainstats": "training"}  # kind -> statistics
+# kind -> (statistics, record in every step)
+KINDS = {"efficientxpert": ("calibration", False), "efficientxpert-trainstats": ("training", False),
+         "efficientxpert-trainstats-all": ("training", True)}
 
 
 def setup(kind: str, domain: str):
@@ -32,13 +36,15 @@ def setup(kind: str, domain: str):
     from efx.pipelines import calibration_batches
     from efx.run import RunSettings
 
-    settings = RunSettings(domain=domain)
+    statistics, every_step = KINDS.get(kind, ("calibration", False))
+    settings = RunSettings(domain=domain, statistics=statistics, record_steps=0 if every_step else None)
     model, tok = load_model()
     suite = load_suite(domain)
     callbacks = []
     if kind != "lora":
         calib = calibration_batches(tok, suite.train, n=settings.calib, seed=settings.seed, system=suite.system)
-        callbacks = [EfficientXpertCallback(calib, settings.prune_config(), statistics=KINDS[kind])]
+        callbacks = [EfficientXpertCallback(calib, settings.prune_config(), statistics=statistics,
+                                            record_steps=settings.callback_record_steps)]
     return settings, model, tok, suite, callbacks
 
 
@@ -78,7 +84,9 @@ def child(kind: str, domain: str) -> None:
                    callbacks=[*callbacks, timer], system=suite.system)
     if callbacks:
         calls = [{"when": c["when"], "seconds": c["seconds"]} for c in callbacks[0].reports]
+    record_steps = callbacks[0].record_steps if callbacks else None
     print("RESULT " + json.dumps({"kind": kind, **record["train"], "epoch_seconds": timer.seconds, "calls": calls,
+                                  "record_steps": record_steps,
                                   "process_max_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}))
 
 

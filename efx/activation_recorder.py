@@ -14,6 +14,10 @@ methods that need the Hessian keep the calibration pass. Under gradient checkpoi
 forwards recomputed in backward are counted as well: sums and token counts both double, so the
 mean `E[x_j^2]` a call reads is unchanged.
 
+Which forwards: every training forward while `active` is True. `EfficientXpertCallback`'s
+`record_steps` switches it on only for the last optimizer steps before each call, which cuts the
+recording cost in proportion and gives the statistics of the weights nearest the call.
+
 Memory: every tensor the recorder keeps (the per-target sums and one column-sum buffer per input
 width) is allocated when it is attached, before training starts, and `reset` zeroes them in place,
 so no tensor that outlives a step is allocated between a forward's activations. The bytes in use
@@ -34,8 +38,8 @@ from efx.calibration import ModuleStats, all_reduce_stats, check_stats
 class ActivationRecorder:
     """Forward pre-hooks on every target of `model` that add the inputs of training-mode
     forwards (`module.training`) to per-target sums. Evaluation and calibration forwards (eval
-    mode) are not counted. Use `block_stats` for a pruning call, `reset` to start a new window,
-    `remove` to detach."""
+    mode) are not counted, nor any forward while `active` is False. Use `block_stats` for a
+    pruning call, `reset` to start a new window, `remove` to detach."""
 
     def __init__(self, model):
         self.sums: dict[str, ModuleStats] = {}
@@ -43,6 +47,7 @@ class ActivationRecorder:
         self._mask: torch.Tensor | None = None
         self._last = None  # (weak reference to the last input seen, its column sums, its token count)
         self._handles = []
+        self.active = True
         inner = unwrap(model)
         body = getattr(inner, getattr(inner, "base_model_prefix", ""), None)
         for owner in {id(m): m for m in (model, inner, body) if isinstance(m, torch.nn.Module)}.values():
@@ -71,7 +76,7 @@ class ActivationRecorder:
 
     def _hook_for(self, name: str):
         def hook(module, args):
-            if not module.training:
+            if not (self.active and module.training):
                 return
             x = args[0]
             s = self.sums[name]

@@ -3,6 +3,7 @@ that prunes on a schedule and ends with a merged, exactly sparse model."""
 from __future__ import annotations
 
 import logging
+import math
 from dataclasses import replace
 
 from transformers import TrainerCallback
@@ -41,11 +42,16 @@ class EfficientXpertCallback(TrainerCallback):
         prune_at_start: also prune once before the first step (efx option), so that the whole
             LoRA budget trains on the sparse base; that call runs the calibration pass (nothing is
             recorded yet), so it needs `calib` whatever `statistics` is.
+        record_steps: with statistics "training", record only the last `record_steps` optimizer
+            steps before each call (None: every step since the previous call). Recording costs
+            time in every forward it runs in; the last steps also see the weights nearest the call.
+            Where the epoch length is unknown (a training set without a length), every step of the
+            epoch schedule is recorded.
     """
 
     def __init__(self, calib, config: PruneConfig | None = None, *, schedule: str = "epoch",
                  every_steps: int | None = None, reset_optimizer: bool = False, masked_adapter: bool = False,
-                 statistics: str = "calibration", prune_at_start: bool = False):
+                 statistics: str = "calibration", prune_at_start: bool = False, record_steps: int | None = None):
         if schedule not in ("epoch", "steps"):
             raise ValueError(f"schedule {schedule!r}: expected 'epoch' or 'steps'")
         if schedule == "steps" and not every_steps:
@@ -56,6 +62,11 @@ class EfficientXpertCallback(TrainerCallback):
             raise ValueError("statistics 'calibration' needs calibration data (calib is None)")
         if prune_at_start and calib is None:
             raise ValueError("prune_at_start needs calibration data: no statistics are recorded before the first step")
+        if record_steps is not None:
+            if statistics != "training":
+                raise ValueError("record_steps applies to statistics 'training' (nothing is recorded otherwise)")
+            if isinstance(record_steps, bool) or not isinstance(record_steps, int) or record_steps <= 0:
+                raise ValueError(f"record_steps {record_steps!r}: expected a positive integer or None")
         self.calib = calib
         self.config = config or PruneConfig()
         self.config.validate()
@@ -68,6 +79,8 @@ class EfficientXpertCallback(TrainerCallback):
         self.masked_adapter = masked_adapter
         self.statistics = statistics
         self.prune_at_start = prune_at_start
+        self.record_steps = record_steps
+        self._epoch_end: int | None = None  # global step at which the current epoch ends
         self.recorder: ActivationRecorder | None = None
         self.memory = PruneMemory()
         self.reports: list[dict] = []
@@ -96,9 +109,27 @@ class EfficientXpertCallback(TrainerCallback):
         if self.prune_at_start:
             self._call(model, None, self.config, "train start")
 
-    def on_epoch_begin(self, args, state, control, model=None, optimizer=None, **kwargs):
+    def on_epoch_begin(self, args, state, control, model=None, optimizer=None, train_dataloader=None, **kwargs):
         if self.schedule == "epoch" and state.epoch is not None and round(state.epoch) >= 1:
             self._call(model, optimizer, self.config, f"epoch {round(state.epoch) + 1} start")
+        try:
+            batches = len(train_dataloader)
+        except TypeError:  # None, or a loader without a length
+            self._epoch_end = None
+        else:  # optimizer steps per epoch, as the Trainer counts them (a resumed run may start mid-epoch)
+            per_epoch = max(math.ceil(batches / args.gradient_accumulation_steps), 1)
+            self._epoch_end = min((state.global_step // per_epoch + 1) * per_epoch, state.max_steps)
+
+    def _next_call_step(self, state) -> int | None:
+        """The global step after which the next call runs (None: unknown)."""
+        if self.schedule == "steps":
+            return min(math.ceil((state.global_step + 1) / self.every_steps) * self.every_steps, state.max_steps)
+        return self._epoch_end
+
+    def on_step_begin(self, args, state, control, **kwargs):
+        if self.recorder is not None and self.record_steps is not None:
+            end = self._next_call_step(state)
+            self.recorder.active = end is None or end - state.global_step <= self.record_steps
 
     def on_step_end(self, args, state, control, model=None, optimizer=None, **kwargs):
         if self.schedule == "steps" and state.global_step % self.every_steps == 0 \

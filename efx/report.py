@@ -81,7 +81,9 @@ def markdown(report: dict) -> str:
                       f"{report['packed']['byte_ratio']:.4f} of the dense bytes of the targets."]
     calls = report.get("prune_calls", [])
     if calls:
-        source = {"training": "recorded during the training forwards (no calibration pass)",
+        steps = report.get("record_steps")
+        window = f", the last {steps} optimizer step{'s' * (steps != 1)} before each call" if steps else ""
+        source = {"training": f"recorded during the training forwards{window} (no calibration pass)",
                   "calibration": "from a calibration pass per call"}.get(report.get("statistics"))
         lines += ["", "## Pruning calls", ""] + ([f"Activation statistics {source}.", ""] if source else []) + [
                   "| call | when | sparsity | mask overlap with previous | seconds |",

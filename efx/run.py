@@ -10,6 +10,7 @@ import copy
 import gc
 import json
 import logging
+import math
 import shutil
 import time
 from dataclasses import asdict, dataclass, fields
@@ -71,6 +72,9 @@ class RunSettings:
     """EfficientXpert/ForeSight activation statistics: calibration (a calibration pass per pruning call),
     training (recorded during the training forwards: no extra forward pass; same retention in the benchmark,
     calls about 6x faster) or auto (training where it applies, calibration with --obs-update)."""
+    record_steps: int | None = None
+    """With training statistics: record the last N optimizer steps before each pruning call
+    (default: the steps that hold --calib sequences; 0: every step)."""
     lora_r: int = 8
     """LoRA rank."""
     lora_alpha: float = 16.0
@@ -118,6 +122,11 @@ class RunSettings:
             self.prune_config().validate()
         if self.statistics == "training" and self.method != "dense" and self.prune_config().needs_hessian:
             raise ValueError("--statistics training records no Hessian, which --obs-update needs")
+        if self.record_steps is not None:
+            if self.record_steps < 0:
+                raise ValueError("--record-steps must be >= 0 (0: every step)")
+            if self.callback_statistics != "training":
+                raise ValueError("--record-steps applies to --statistics training")
         if self.domain not in ("medical", "legal") and not Path(self.domain).exists():
             raise ValueError(f"--domain {self.domain!r}: expected medical, legal or an existing path")
 
@@ -128,6 +137,15 @@ class RunSettings:
             return self.statistics
         fits = self.method in ("efficientxpert", "foresight") and not self.prune_config().needs_hessian
         return "training" if fits else "calibration"
+
+    @property
+    def callback_record_steps(self) -> int | None:
+        """The recording window of training statistics in optimizer steps (None: every step)."""
+        if self.callback_statistics != "training":
+            return None
+        if self.record_steps is None:
+            return math.ceil(self.calib / self.batch_size)
+        return self.record_steps or None
 
     def prune_config(self) -> PruneConfig:
         return PruneConfig(method=self.method, sparsity=self.sparsity, pattern=self.pattern, preset=self.preset,
@@ -243,6 +261,7 @@ def run(settings: RunSettings, output: str | Path, *, overwrite: bool = False, r
         "retention_raw": retention(expert_eval, dense["eval"], metric="accuracy"),
         "sparsity": sparsity_audit(expert), "prune_calls": expert_stage.get("calls", []),
         "statistics": settings.callback_statistics if settings.method in ("efficientxpert", "foresight") else None,
+        "record_steps": settings.callback_record_steps if settings.method in ("efficientxpert", "foresight") else None,
         "packed": expert_stage.get("packed"),
         "measure": record,
         "cost": {"time_ratio": expert_train["seconds"] / record["dense_train"]["seconds"],
@@ -273,6 +292,7 @@ def _train_expert(model, tokenizer, suite, settings: RunSettings, output: Path) 
                                             calib=calib, system=suite.system,
                                             callback_kwargs={"masked_adapter": settings.masked_adapter,
                                                              "statistics": settings.callback_statistics,
+                                                             "record_steps": settings.callback_record_steps,
                                                              "prune_at_start": settings.prune_at_start})
         calls = report["calls"]
     with atomic_folder(output / "expert", overwrite=True) as folder:

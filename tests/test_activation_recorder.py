@@ -193,3 +193,32 @@ def test_reference_act_sq_equals_the_plain_sum(dtype, padding):
     got = torch.full((16,), 0.25)
     assert reference.accumulate_act_sq(x, got, mask) == rows.shape[0]
     torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("schedule, record_steps, sequences", [
+    ("epoch", None, 16), ("epoch", 1, 8), ("epoch", 2, 16), ("steps", 1, 8), ("steps", None, 16)])
+def test_record_steps_limits_each_window_to_its_last_steps(monkeypatch, schedule, record_steps, sequences):
+    """16 examples, batch 8: two optimizer steps between calls under either schedule. Each call
+    sees the sequences of the last `record_steps` steps before it (all of them with None)."""
+    import efx.callback
+    seen = []
+
+    def counting_prune(model, calib, config, *, recorded=None, **kwargs):
+        seen.append(max(s.sequences for s in recorded.sums.values()))
+        return prune(model, calib, config, recorded=recorded, **kwargs)
+
+    monkeypatch.setattr(efx.callback, "prune", counting_prune)
+    callback = EfficientXpertCallback(None, PruneConfig(sparsity=0.5), statistics="training", schedule=schedule,
+                                      every_steps=2 if schedule == "steps" else None, record_steps=record_steps)
+    settings = TrainSettings(epochs=3, n_examples=0, batch_size=8, learning_rate=1e-2)
+    train_lora(tiny_model("llama", vocab_size=256), char_tokenizer(), EXAMPLES, training=settings,
+               callbacks=[callback])
+    assert seen == [sequences] * 3
+
+
+def test_record_steps_is_checked():
+    with pytest.raises(ValueError, match="applies to statistics 'training'"):
+        EfficientXpertCallback([{}], record_steps=2)
+    for bad in (0, -1, 1.5, True):
+        with pytest.raises(ValueError, match="record_steps"):
+            EfficientXpertCallback(None, statistics="training", record_steps=bad)

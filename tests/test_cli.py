@@ -35,7 +35,8 @@ def test_run_writes_expert_report_and_plots(tiny_setup, capsys):
     assert {"quiz"} == set(report["expert_eval"]["tasks"])
     assert len(report["prune_calls"]) == 2 and report["packed"]["format"] == "bitmap"
     assert report["statistics"] == "training"  # "auto" for efficientxpert
-    assert "recorded during the training forwards" in (out / "report.md").read_text()
+    assert report["record_steps"] == 1  # --calib 4 sequences at --batch-size 4
+    assert "recorded during the training forwards, the last 1 optimizer step before each call" in (out / "report.md").read_text()
     for name in ("report.md", "score_per_task.png", "sparsity_per_layer.png", "expert/config.json",
                  "expert_packed/efx_sparse.json"):
         assert (out / name).is_file(), name
@@ -61,6 +62,8 @@ def test_run_writes_expert_report_and_plots(tiny_setup, capsys):
     (["--epochs", "1"], "epochs >= 2"), (["--pipeline", "lora-prune"], "--pipeline"),
     (["--statistics", "weights"], "--statistics"), (["--statistics", "training", "--method", "wanda"], "applies to"),
     (["--statistics", "training", "--obs-update"], "no Hessian"),
+    (["--record-steps", "-1"], "--record-steps"), (["--record-steps", "2", "--method", "wanda"], "--record-steps"),
+    (["--record-steps", "2", "--statistics", "calibration"], "--record-steps"),
 ])
 def test_bad_options_fail_before_any_work(tiny_setup, extra, message, capsys):
     tmp_path, args = tiny_setup
@@ -77,6 +80,15 @@ def test_auto_statistics_resolve_per_method():
     assert RunSettings(obs_update=True).callback_statistics == "calibration"
     assert RunSettings(method="wanda").callback_statistics == "calibration"
     assert RunSettings(statistics="calibration").callback_statistics == "calibration"
+
+
+def test_record_steps_default_to_the_calibration_size():
+    from efx.run import RunSettings
+    assert RunSettings().callback_record_steps == 4  # 32 sequences at batch 8
+    assert RunSettings(calib=20, batch_size=8).callback_record_steps == 3
+    assert RunSettings(record_steps=0).callback_record_steps is None  # every step
+    assert RunSettings(record_steps=7).callback_record_steps == 7
+    assert RunSettings(statistics="calibration").callback_record_steps is None
 
 
 def test_config_file_and_unknown_keys(tiny_setup, capsys):
