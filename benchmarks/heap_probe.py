@@ -32,7 +32,11 @@ from overhead import KINDS, setup  # noqa: E402
 
 @functools.cache
 def _libc() -> ctypes.CDLL:
-    libc = ctypes.CDLL("libc.so.6")
+    from efx.measure import glibc
+
+    libc = glibc()
+    if libc is None:
+        raise SystemExit("heap_probe needs glibc (Linux)")
     libc.fopen.restype = ctypes.c_void_p
     libc.fopen.argtypes = [ctypes.c_char_p, ctypes.c_char_p]
     libc.malloc_info.argtypes = [ctypes.c_int, ctypes.c_void_p]

@@ -34,11 +34,19 @@ class _MallInfo2(ctypes.Structure):
 
 
 @functools.cache
+def glibc() -> ctypes.CDLL | None:
+    """The C library when it is glibc (Linux), else None."""
+    try:
+        return ctypes.CDLL("libc.so.6")
+    except OSError:
+        return None
+
+
+@functools.cache
 def _mallinfo2():
     """glibc's mallinfo2 (2.33 and later), or None elsewhere."""
-    try:
-        function = ctypes.CDLL("libc.so.6").mallinfo2
-    except (OSError, AttributeError):
+    function = getattr(glibc(), "mallinfo2", None)
+    if function is None:
         return None
     function.restype = _MallInfo2
     function.argtypes = []

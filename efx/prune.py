@@ -186,23 +186,23 @@ def reset_adapter(module, generator: torch.Generator) -> None:
         B.zero_()
 
 
-def pack_mask(keep: torch.Tensor) -> np.ndarray:
-    """A bool keep-mask as `PruneMemory` keeps it: one bit per weight, row-major."""
-    return np.packbits(keep.reshape(-1).cpu().numpy())
+def pack_mask(keep: torch.Tensor) -> torch.Tensor:
+    """A bool keep-mask as `PruneMemory` keeps it: a uint8 CPU tensor, one bit per weight, row-major."""
+    return torch.from_numpy(np.packbits(keep.reshape(-1).cpu().numpy()))
 
 
-def unpack_mask(packed: np.ndarray | torch.Tensor, shape: tuple[int, ...] | torch.Size) -> torch.Tensor:
-    """The bool keep-mask (CPU) of `shape` that `pack_mask` packed (as an array or a uint8 tensor)."""
-    return torch.from_numpy(np.unpackbits(np.asarray(packed), count=math.prod(shape)).astype(bool)).reshape(shape)
+def unpack_mask(packed: torch.Tensor, shape: tuple[int, ...] | torch.Size) -> torch.Tensor:
+    """The bool keep-mask (CPU) of `shape` that `pack_mask` packed."""
+    return torch.from_numpy(np.unpackbits(packed.numpy(), count=math.prod(shape)).astype(bool)).reshape(shape)
 
 
-def _overlap(previous: np.ndarray | torch.Tensor | None, packed: np.ndarray, numel: int) -> float | None:
+def _overlap(previous: torch.Tensor | None, packed: torch.Tensor, numel: int) -> float | None:
     """Jaccard overlap of the pruned sets of two calls, counted on their packed masks: a pruned
     weight is a 0 bit, and the bits `pack_mask` pads the last byte with (0 in both) are taken off."""
     if previous is None:
         return None
-    pad = 8 * packed.size - numel
-    previous = np.asarray(previous)
+    pad = 8 * packed.numel() - numel
+    previous, packed = previous.numpy(), packed.numpy()
     both = int(np.bitwise_count(~(previous | packed)).sum(dtype=np.int64)) - pad
     either = int(np.bitwise_count(~(previous & packed)).sum(dtype=np.int64)) - pad
     return both / either if either else 1.0
@@ -340,7 +340,7 @@ def _prune_module(arch, block, role, module, stats, config, memory, name, undo, 
     reset_adapter(module, generator)
     kept = int(keep.sum())
     packed = pack_mask(keep)
-    memory.masks.stage(name, torch.from_numpy(packed))
+    memory.masks.stage(name, packed)
     report.modules[name] = {"role": role, "block": block.index, "shape": list(weight.shape), "kept": kept,
                             "total": keep.numel(), "sparsity": 1.0 - kept / keep.numel(),
                             "zeros": int((weight == 0).sum()),

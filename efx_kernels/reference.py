@@ -19,7 +19,8 @@ def accumulate_act_sq(x: torch.Tensor, acc: torch.Tensor, token_mask: torch.Tens
     """acc (n, fp32) += sum over tokens of x**2; returns the number of tokens counted. Where the
     rows are already a copy (padding removed, or converted to fp32) they are squared in place."""
     rows = _token_rows(x, token_mask).float()
-    squares = rows.mul_(rows) if token_mask is not None or x.dtype != torch.float32 else rows * rows
+    copied = rows.untyped_storage().data_ptr() != x.untyped_storage().data_ptr()
+    squares = rows.mul_(rows) if copied else rows * rows
     acc += squares.sum(0)
     return rows.shape[0]
 

@@ -191,8 +191,10 @@ def test_reference_act_sq_equals_the_plain_sum(dtype, padding):
         rows = rows[mask.reshape(-1).bool()]
     want = torch.full((16,), 0.25) + (rows * rows).sum(0)
     got = torch.full((16,), 0.25)
+    before = x.clone()
     assert reference.accumulate_act_sq(x, got, mask) == rows.shape[0]
     torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
+    assert torch.equal(x, before)  # squared in a copy, never in the caller's tensor
 
 
 @pytest.mark.parametrize("schedule, record_steps, sequences", [

@@ -171,7 +171,7 @@ def test_kept_masks_match_the_weights():
 
 def test_call_store_files_and_ram_agree():
     score = torch.randn(7, 9).to(torch.bfloat16)
-    packed = torch.from_numpy(pack_mask(torch.rand(5, 13) > 0.5))
+    packed = pack_mask(torch.rand(5, 13) > 0.5)
     stores = [CallStore(offload=True), CallStore(offload=False)]
     for store in stores:
         store.stage("a", score)
