@@ -1,14 +1,16 @@
-"""Paired, in-process cost of EfficientXpert inside training: training steps without the
-activation recorder, with it attached but idle, and with it recording, interleaved in one process
-on the same batches, with a pruning call after every round; a machine whose speed drifts during a
-run slows every mode alike, which whole runs in separate processes (`overhead.py`) cannot cancel.
+"""Paired, in-process cost of EfficientXpert inside training. Each round runs, after one untimed
+step on its batch, one training step without the activation recorder, one with it attached but
+idle and one with it recording, on that batch (order rotated), then a pruning call and the first step after it (idle, as in
+training). A machine whose speed drifts slows every mode of a round alike, which whole runs in
+separate processes (`overhead.py`) cannot cancel.
 
-    python benchmarks/step_overhead.py [--domain medical] [--rounds 12] [--output benchmarks/results]
+    python benchmarks/step_overhead.py [--domain medical] [--rounds 18] [--output benchmarks/results]
 
-Writes step_overhead.json: every step's and call's seconds; the median step time of each mode
-and the median over rounds of its step time / the plain LoRA step's of the same round (same batch); the median call against one plain LoRA epoch; and, for the `efx run`
-default (3 calls, statistics recorded in the last `record_steps` optimizer steps before each),
-the extra time of a whole run those medians add up to (target: <= 5%).
+Writes step_overhead.json: every step's and call's seconds; per mode the median step time and
+the median over rounds of its step time / the plain LoRA step's of the same round; the median
+call against one plain LoRA epoch; and, for the `efx run` default (3 calls, statistics recorded
+in the last `record_steps` optimizer steps before each), the extra time of a whole run those
+medians add up to (target: <= 5%).
 """
 from __future__ import annotations
 
@@ -26,7 +28,7 @@ MODES = ("lora", "idle", "recording")
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--domain", default="medical")
-    parser.add_argument("--rounds", type=int, default=12)
+    parser.add_argument("--rounds", type=int, default=18)
     parser.add_argument("--output", default="benchmarks/results")
     args = parser.parse_args()
 
@@ -80,26 +82,29 @@ def main() -> None:
                 recorder.sums = sums
 
     run_mode("recording", next(batch_cycle))  # warm-up
-    steps = {mode: [] for mode in MODES}
+    steps = {mode: [] for mode in (*MODES, "after_call")}
     calls = []
     for r in range(args.rounds):
         batch = next(batch_cycle)
+        run_mode("idle", batch)  # untimed: the first step on a batch of a new shape is slower
         for mode in MODES[r % 3:] + MODES[:r % 3]:  # rotate the order between rounds
             steps[mode].append(run_mode(mode, batch))
         start = time.perf_counter()
         prune(model, None, config, memory=memory, recorded=recorder)
         calls.append(time.perf_counter() - start)
         recorder.reset()
+        steps["after_call"].append(run_mode("idle", batch))  # the first step after a call, as in training
     recorder.remove()
 
     median = {mode: statistics.median(v) for mode, v in steps.items()}
-    ratio = {mode: statistics.median(a / b for a, b in zip(steps[mode], steps["lora"])) for mode in MODES}
+    ratio = {mode: statistics.median(a / b for a, b in zip(v, steps["lora"])) for mode, v in steps.items()}
     per_epoch = math.ceil(len(data) / training.batch_size)
     total, n_calls = per_epoch * training.epochs, training.epochs
     recorded = min(n_calls * settings.callback_record_steps, total)
+    after_call = n_calls - 1  # the final call has no step after it
     call = statistics.median(calls)
-    extra = (recorded * (ratio["recording"] - 1) + (total - recorded) * (ratio["idle"] - 1)) * median["lora"] \
-        + n_calls * call
+    extra = (recorded * (ratio["recording"] - 1) + after_call * (ratio["after_call"] - 1)
+             + (total - recorded - after_call) * (ratio["idle"] - 1)) * median["lora"] + n_calls * call
     result = {"benchmark": "step_overhead", "domain": args.domain, "rounds": args.rounds,
               "step_seconds": steps, "call_seconds": calls, "median_step_seconds": median,
               "step_ratio": ratio,

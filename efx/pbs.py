@@ -30,9 +30,15 @@ def _check(W, A, B, keep_mask, act_sq) -> None:
     if len(devices) > 1:
         raise ValueError(f"W, A, B, keep_mask and act_sq must be on one device, got {sorted(map(str, devices))}")
     for name, t in (("W", W), ("A", A), ("B", B), ("act_sq", act_sq)):
-        # one reduction: a NaN or Inf makes the sum non-finite (an overflowing sum gets the exact check)
-        if not torch.isfinite(t.sum()) and not torch.isfinite(t).all():
+        if not all_finite(t):
             raise ValueError(f"{name} holds NaN or Inf")
+
+
+def all_finite(t: torch.Tensor) -> bool:
+    """Whether `t` holds no NaN or Inf, in one reduction where it can: a NaN or Inf makes the sum
+    non-finite, and only a non-finite sum (which an overflow of finite values also gives) pays for
+    the element-wise check."""
+    return bool(torch.isfinite(t.sum())) or bool(torch.isfinite(t).all())
 
 
 def _all_rows(mask: torch.Tensor) -> torch.Tensor:

@@ -20,7 +20,7 @@ from efx.calibration import as_batches, calibrate
 import efx_kernels
 from efx.foresight import (GRANULARITIES, PRESETS, activation_statistic, foresight_score, parse_pattern,
                            score_inputs, select_keep_mask)
-from efx.pbs import hessian_pbs, partial_brain_surgeon
+from efx.pbs import all_finite, hessian_pbs, partial_brain_surgeon
 from efx.call_store import CallStore
 
 log = logging.getLogger(__name__)
@@ -168,7 +168,7 @@ def _preflight(arch: ArchMap, roles: list[str], config: PruneConfig) -> None:
                 if parts[0].device != weight.device:
                     raise ValueError(f"{block.qualified(role)}: adapter and weight are on different devices")
             for name, t in tensors:
-                if not torch.isfinite(t).all():
+                if not all_finite(t):
                     raise ValueError(f"{block.qualified(role)}.{name} holds NaN or Inf")
 
 
@@ -338,10 +338,10 @@ def _prune_module(arch, block, role, module, stats, config, memory, name, undo, 
         merged = (U if U is not None else combined()).mul_(keep.view(torch.uint8))
     weight.copy_(merged.to(weight.dtype))
     reset_adapter(module, generator)
-    kept = int(keep.sum())
+    kept = int(keep.count_nonzero())
     packed = pack_mask(keep)
     memory.masks.stage(name, packed)
     report.modules[name] = {"role": role, "block": block.index, "shape": list(weight.shape), "kept": kept,
                             "total": keep.numel(), "sparsity": 1.0 - kept / keep.numel(),
-                            "zeros": int((weight == 0).sum()),
+                            "zeros": weight.numel() - int(weight.count_nonzero()),
                             "overlap_prev": _overlap(memory.masks.get(name), packed, keep.numel())}

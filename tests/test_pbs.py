@@ -2,7 +2,7 @@
 import pytest
 import torch
 
-from efx.pbs import hessian_pbs, partial_brain_surgeon
+from efx.pbs import all_finite, hessian_pbs, partial_brain_surgeon
 
 
 def per_row_reference(W, A, B, keep, g, scale, keep_weight, ridge, max_pruned=None, dtype=torch.float64):
@@ -109,6 +109,21 @@ def test_bad_inputs_are_named():
     W[0, 0] = float("nan")
     with pytest.raises(ValueError, match="NaN"):
         partial_brain_surgeon(W, A, B, keep, g)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+def test_all_finite_is_the_element_wise_check(dtype):
+    big = torch.finfo(dtype).max
+    t = torch.full((64, 64), big / 2, dtype=dtype)  # finite, but its sum overflows
+    assert not torch.isfinite(t.sum()) and all_finite(t)
+    assert all_finite(torch.randn(5, 7).to(dtype))
+    for bad in (float("nan"), float("inf"), -float("inf")):
+        u = torch.randn(5, 7).to(dtype)
+        u[3, 2] = bad
+        assert not all_finite(u)
+    mixed = torch.zeros(4, dtype=dtype)
+    mixed[0], mixed[1] = float("inf"), -float("inf")  # sums to NaN
+    assert not all_finite(mixed)
 
 
 def test_hessian_pbs_matches_per_row_solve():
