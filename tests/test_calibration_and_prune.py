@@ -144,6 +144,19 @@ def test_score_memory_and_overlap(offload):
     assert len(memory.scores) == 0 and memory.scores.get(name) is None
 
 
+def test_carry_sets_what_the_memory_keeps():
+    model = lora_model()
+    memory = PruneMemory()
+    prune(model, padded_calib(), PruneConfig(sparsity=0.3), memory=memory, carry=("masks",))
+    assert len(memory.scores) == 0 and len(memory.masks) == 14
+    last = prune(model, padded_calib(), PruneConfig(sparsity=0.3), memory=memory, carry=())
+    assert last.mask_overlap is not None and len(memory.masks) == 0
+    before = [p.detach().clone() for p in model.parameters()]
+    with pytest.raises(ValueError, match="carry"):
+        prune(model, padded_calib(), PruneConfig(), carry=("weights",))
+    assert all(torch.equal(a, b) for a, b in zip(before, model.parameters()))
+
+
 @pytest.mark.parametrize("shape", [(5, 13), (8, 8)])  # 65 bits pad the last byte; 64 do not
 def test_mask_overlap_on_packed_bits_is_the_jaccard_index_of_the_pruned_sets(shape):
     gen = torch.Generator().manual_seed(3)

@@ -115,14 +115,15 @@ def test_ties_are_deterministic():
 
 @pytest.mark.parametrize("offset", [0.0, -1.5])  # non-negative scores rank by bit pattern, signed ones by value
 @pytest.mark.parametrize("granularity", ["row", "matrix"])
-def test_selection_with_many_ties_matches_a_stable_sort(granularity, offset):
+@pytest.mark.parametrize("sparsity", [0.4, 0.7])  # the k-th smallest from the low side and from the high side
+def test_selection_with_many_ties_matches_a_stable_sort(granularity, offset, sparsity):
     score = torch.randint(0, 4, (9, 24), generator=torch.Generator().manual_seed(1)).float() + offset
     score[2] = 0.0
     flat = score if granularity == "row" else score.reshape(1, -1)
-    k = math.floor(flat.shape[1] * 0.4)
+    k = math.floor(flat.shape[1] * sparsity)
     expected = torch.ones_like(flat, dtype=torch.bool)
     expected.scatter_(1, torch.sort(flat, dim=1, stable=True).indices[:, :k], False)
-    keep = select_keep_mask(score, 0.4, "unstructured", granularity)
+    keep = select_keep_mask(score, sparsity, "unstructured", granularity)
     assert torch.equal(keep, expected.reshape(score.shape))
 
 
