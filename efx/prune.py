@@ -221,7 +221,8 @@ def prune(model, calib, config: PruneConfig | None = None, *, memory: PruneMemor
         calib: (N, T) token ids, or an iterable of batches with `input_ids` and `attention_mask`;
             None with `recorded`.
         config: the call's settings.
-        memory: carried between the calls of a schedule (score memory, previous masks).
+        memory: carried between the calls of a schedule (score memory, previous masks); a call
+            without it keeps nothing.
         recorded: an `efx.activation_recorder.ActivationRecorder` attached to `model`: take the
             statistics it recorded during training instead of running a calibration pass.
         carry: what this call leaves in `memory` for the next one: "scores" (its blended scores,
@@ -236,7 +237,6 @@ def prune(model, calib, config: PruneConfig | None = None, *, memory: PruneMemor
     unknown = set(carry) - set(CARRIED)
     if unknown:
         raise ValueError(f"carry {sorted(unknown)}: expected a subset of {CARRIED}")
-    keep_scores, keep_masks = config.use_memory and "scores" in carry, "masks" in carry
     arch = architecture_map(model)
     roles = _selected_roles(arch, config.targets)
     _preflight(arch, roles, config)
@@ -249,7 +249,9 @@ def prune(model, calib, config: PruneConfig | None = None, *, memory: PruneMemor
                          f"method {config.method!r} with these options needs: use a calibration pass")
     elif recorded.tokens == 0:
         raise ValueError("the activation recorder holds no statistics: no training forward ran since its last reset")
-    memory = memory if memory is not None else PruneMemory()
+    if memory is None:  # a call on its own: nothing reads what it would carry, so nothing is kept or written
+        memory, carry = PruneMemory(scores=CallStore(offload=False), masks=CallStore(offload=False)), ()
+    keep_scores, keep_masks = config.use_memory and "scores" in carry, "masks" in carry
     report = PruneReport(config=asdict(config), call=memory.calls + 1)
     undo: list[tuple[torch.Tensor, torch.Tensor]] = []
     generator = torch.Generator().manual_seed(config.seed * 1_000_003 + memory.calls)

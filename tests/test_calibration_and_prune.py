@@ -1,5 +1,6 @@
 """The sequential calibration pass, one pruning call end to end, and its guarantees."""
 import math
+import tempfile
 
 import pytest
 import torch
@@ -144,10 +145,10 @@ def test_score_memory_and_overlap(offload):
     assert len(memory.scores) == 0 and memory.scores.get(name) is None
 
 
-def test_carry_sets_what_the_memory_keeps():
+def test_carry_sets_what_the_memory_keeps(monkeypatch):
     model = lora_model()
     memory = PruneMemory()
-    prune(model, padded_calib(), PruneConfig(sparsity=0.3), memory=memory, carry=("masks",))
+    first = prune(model, padded_calib(), PruneConfig(sparsity=0.3), memory=memory, carry=("masks",))
     assert len(memory.scores) == 0 and len(memory.masks) == 14
     last = prune(model, padded_calib(), PruneConfig(sparsity=0.3), memory=memory, carry=())
     assert last.mask_overlap is not None and len(memory.masks) == 0
@@ -155,6 +156,12 @@ def test_carry_sets_what_the_memory_keeps():
     with pytest.raises(ValueError, match="carry"):
         prune(model, padded_calib(), PruneConfig(), carry=("weights",))
     assert all(torch.equal(a, b) for a, b in zip(before, model.parameters()))
+
+    def no_folder(*args, **kwargs):
+        raise AssertionError("a temporary folder was made")
+
+    monkeypatch.setattr(tempfile, "mkdtemp", no_folder)  # a call without memory writes nothing
+    assert prune(model, padded_calib(), PruneConfig(sparsity=0.3)).sparsity == first.sparsity
 
 
 @pytest.mark.parametrize("shape", [(5, 13), (8, 8)])  # 65 bits pad the last byte; 64 do not
