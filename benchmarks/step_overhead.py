@@ -53,6 +53,8 @@ def main() -> None:
 
     settings = RunSettings(domain=args.domain, statistics="training")
     training, lora = settings.training(), settings.lora()
+    if training.epochs != 3:  # checked before any step runs
+        raise SystemExit(f"the calls modelled are those of a 3-epoch run; this run has {training.epochs}")
     set_seed(training.seed)
     model, tok = load_model()
     model = add_lora(model, lora, training.seed)
@@ -101,8 +103,6 @@ def main() -> None:
     median = {mode: statistics.median(v) for mode, v in steps.items()}
     ratio = {mode: statistics.median(a / b for a, b in zip(v, steps["lora"])) for mode, v in steps.items()}
     per_epoch = math.ceil(len(data) / training.batch_size)
-    if training.epochs != 3:
-        raise SystemExit(f"the calls modelled are those of a 3-epoch run; this run has {training.epochs}")
     total, n_calls = per_epoch * training.epochs, len(CALLS)
     recorded = min(n_calls * settings.callback_record_steps, total)
     after_call = n_calls - 1  # the final call has no step after it
