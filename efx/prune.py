@@ -213,7 +213,7 @@ CARRIED = ("scores", "masks")
 
 @torch.no_grad()
 def prune(model, calib, config: PruneConfig | None = None, *, memory: PruneMemory | None = None,
-          recorded=None, carry: tuple[str, ...] = CARRIED) -> PruneReport:
+          recorded=None, carry: tuple[str, ...] | str = CARRIED) -> PruneReport:
     """Prune every target of `model` (plain or peft-wrapped) to `config.sparsity`.
 
     Args:
@@ -227,13 +227,15 @@ def prune(model, calib, config: PruneConfig | None = None, *, memory: PruneMemor
             statistics it recorded during training instead of running a calibration pass.
         carry: what this call leaves in `memory` for the next one: "scores" (its blended scores,
             with `config.use_memory`) and "masks" (its keep-masks, which the next call's overlap
-            and the masked adapter read). What is not carried is dropped from `memory`, and its
-            bytes are never written: a schedule passes less where the next call reads less.
+            and the masked adapter read); one name alone may be passed as a string. What is not
+            carried is dropped from `memory`, and its bytes are never written: a schedule passes
+            less where the next call reads less.
     Returns:
         PruneReport with per-module sparsity, overlap with the previous call's mask, and timings.
     """
     config = config or PruneConfig()
     config.validate()
+    carry = (carry,) if isinstance(carry, str) else tuple(carry)
     unknown = set(carry) - set(CARRIED)
     if unknown:
         raise ValueError(f"carry {sorted(unknown)}: expected a subset of {CARRIED}")

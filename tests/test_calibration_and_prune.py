@@ -148,7 +148,7 @@ def test_score_memory_and_overlap(offload):
 def test_carry_sets_what_the_memory_keeps(monkeypatch):
     model = lora_model()
     memory = PruneMemory()
-    first = prune(model, padded_calib(), PruneConfig(sparsity=0.3), memory=memory, carry=("masks",))
+    first = prune(model, padded_calib(), PruneConfig(sparsity=0.3), memory=memory, carry="masks")  # one name
     assert len(memory.scores) == 0 and len(memory.masks) == 14
     last = prune(model, padded_calib(), PruneConfig(sparsity=0.3), memory=memory, carry=())
     assert last.mask_overlap is not None and len(memory.masks) == 0
