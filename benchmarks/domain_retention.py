@@ -184,7 +184,8 @@ def markdown(results: dict) -> str:
 
 
 def plot(results: dict, folder: Path) -> list[str]:
-    """retention_vs_sparsity_<domain>.png for every domain with two or more unstructured sparsities."""
+    """retention_vs_sparsity_<domain>.png for every domain with two or more unstructured sparsities:
+    one line per method measured at two or more of them (seed 0)."""
     dense = dense_references(results)
     written = []
     for domain in sorted({r["domain"] for r in results.values()}):
@@ -196,7 +197,8 @@ def plot(results: dict, folder: Path) -> list[str]:
                 continue
             ret = retention(r["eval"], ref["eval"], metric="accuracy_norm")["overall"]
             series.setdefault(r["method"], []).append((float(r["sparsity_setting"]), ret))
-        if any(len(points) > 1 for points in series.values()):
+        series = {method: points for method, points in series.items() if len(points) > 1}
+        if series:
             written.append(retention_plot(series, folder / f"retention_vs_sparsity_{domain}.png",
                                           f"{domain}, seed 0 (unstructured)"))
     return written

@@ -151,9 +151,11 @@ def retention_plot(series: dict[str, list[tuple[float, float]]], path: Path, tit
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     fig, ax = plt.subplots(figsize=(6.5, 4))
-    for label, points in sorted(series.items()):
+    colors = plt.get_cmap("tab10").colors
+    for i, (label, points) in enumerate(sorted(series.items())):  # past ten lines, the colors repeat dashed
         xs, ys = zip(*sorted(points))
-        ax.plot(xs, ys, marker="o", label=label)
+        ax.plot(xs, ys, marker="o", label=label, color=colors[i % len(colors)],
+                ls=("-", "--", ":")[i // len(colors) % 3])
     ax.axhline(1.0, color="grey", lw=0.5)
     ax.axhline(0.98, color="grey", lw=0.5, ls="--")
     ax.set_xlabel("sparsity")

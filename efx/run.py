@@ -68,6 +68,9 @@ class RunSettings:
     """EfficientXpert: keep the adapter delta inside the last mask between pruning calls."""
     prune_at_start: bool = False
     """EfficientXpert: also prune before the first training step, so the whole budget trains on the sparse base."""
+    reset_optimizer: bool = False
+    """EfficientXpert: clear the optimizer state after each pruning call, which re-initializes the adapter
+    (the authors keep the state)."""
     statistics: str = "auto"
     """EfficientXpert/ForeSight activation statistics: calibration (a calibration pass per pruning call),
     training (recorded during the training forwards: no extra forward pass; same retention in the benchmark,
@@ -116,8 +119,12 @@ class RunSettings:
                 raise ValueError(f"--{name.replace('_', '-')} must be positive")
         if self.statistics not in ("auto", *STATISTICS):
             raise ValueError(f"--statistics {self.statistics!r}: expected auto or one of {STATISTICS}")
-        if self.statistics == "training" and self.method not in ("efficientxpert", "foresight"):
-            raise ValueError("--statistics training applies to efficientxpert and foresight (pruning inside training)")
+        if self.method not in ("efficientxpert", "foresight"):
+            inside = [n for n in ("masked_adapter", "prune_at_start", "reset_optimizer") if getattr(self, n)] + \
+                (["statistics training"] if self.statistics == "training" else [])
+            if inside:
+                raise ValueError(f"--{inside[0].replace('_', '-')} applies to efficientxpert and foresight "
+                                 f"(pruning inside training), not --method {self.method}")
         if self.method != "dense":
             self.prune_config().validate()
         if self.statistics == "training" and self.method != "dense" and self.prune_config().needs_hessian:
@@ -293,7 +300,8 @@ def _train_expert(model, tokenizer, suite, settings: RunSettings, output: Path) 
                                             callback_kwargs={"masked_adapter": settings.masked_adapter,
                                                              "statistics": settings.callback_statistics,
                                                              "record_steps": settings.callback_record_steps,
-                                                             "prune_at_start": settings.prune_at_start})
+                                                             "prune_at_start": settings.prune_at_start,
+                                                             "reset_optimizer": settings.reset_optimizer})
         calls = report["calls"]
     with atomic_folder(output / "expert", overwrite=True) as folder:
         model.save_pretrained(folder)

@@ -76,6 +76,28 @@ def test_prune_at_start_keeps_the_mask_through_training(monkeypatch):
         EfficientXpertCallback(None, statistics="training", prune_at_start=True)
 
 
+@pytest.mark.parametrize("reset", [True, False])
+def test_reset_optimizer_clears_the_adam_state_at_each_call(reset):
+    from transformers import TrainerCallback
+
+    class StateAfterCall(TrainerCallback):  # runs after the EfficientXpert callback's call
+        def __init__(self):
+            self.states = []
+
+        def on_epoch_begin(self, args, state, control, optimizer=None, **kwargs):
+            self.states.append(len(optimizer.state))
+
+    tok = char_tokenizer()
+    spy = StateAfterCall()
+    callback = EfficientXpertCallback(calibration_batches(tok, EXAMPLES, n=8), PruneConfig(sparsity=0.5),
+                                      reset_optimizer=reset)
+    settings = TrainSettings(epochs=3, n_examples=0, batch_size=8, learning_rate=1e-2)
+    train_lora(tiny_model("llama", vocab_size=256), tok, EXAMPLES, training=settings, callbacks=[callback, spy])
+    assert spy.states[0] == 0  # nothing stepped yet
+    adapter_params = 2 * 14  # A and B of every target
+    assert spy.states[1:] == ([0, 0] if reset else [adapter_params, adapter_params])
+
+
 def test_step_schedule_and_prune_and_adapt_pipelines():
     tok = char_tokenizer()
     settings = TrainSettings(epochs=2, n_examples=0, batch_size=4, learning_rate=1e-2)

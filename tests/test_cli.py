@@ -64,6 +64,9 @@ def test_run_writes_expert_report_and_plots(tiny_setup, capsys):
     (["--statistics", "training", "--obs-update"], "no Hessian"),
     (["--record-steps", "-1"], "--record-steps"), (["--record-steps", "2", "--method", "wanda"], "--record-steps"),
     (["--record-steps", "2", "--statistics", "calibration"], "--record-steps"),
+    (["--masked-adapter", "--method", "wanda"], "--masked-adapter applies to"),
+    (["--prune-at-start", "--method", "dense"], "--prune-at-start applies to"),
+    (["--reset-optimizer", "--method", "sparsegpt"], "--reset-optimizer applies to"),
 ])
 def test_bad_options_fail_before_any_work(tiny_setup, extra, message, capsys):
     tmp_path, args = tiny_setup
