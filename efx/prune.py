@@ -98,6 +98,8 @@ class PruneConfig:
             raise ValueError(f"mask_lr {self.mask_lr} is outside (0, 1]")
         if self.pbs_keep_weight < 0 or self.pbs_ridge < 0:
             raise ValueError("pbs_keep_weight and pbs_ridge must be >= 0")
+        if self.obs_update and self.method not in ("efficientxpert", "foresight"):
+            raise ValueError(f"obs_update applies to efficientxpert and foresight, not method {self.method!r}")
 
     @property
     def effective_sparsity(self) -> float:

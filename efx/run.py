@@ -120,7 +120,8 @@ class RunSettings:
         if self.statistics not in ("auto", *STATISTICS):
             raise ValueError(f"--statistics {self.statistics!r}: expected auto or one of {STATISTICS}")
         if self.method not in ("efficientxpert", "foresight"):
-            inside = [n for n in ("masked_adapter", "prune_at_start", "reset_optimizer") if getattr(self, n)] + \
+            inside = [n for n in ("obs_update", "masked_adapter", "prune_at_start", "reset_optimizer")
+                      if getattr(self, n)] + \
                 (["statistics training"] if self.statistics == "training" else [])
             if inside:
                 raise ValueError(f"--{inside[0].replace('_', '-')} applies to efficientxpert and foresight "

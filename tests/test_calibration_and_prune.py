@@ -212,6 +212,7 @@ def test_call_store_files_and_ram_agree():
     (PruneConfig(sparsity=1.0), "outside"), (PruneConfig(sparsity=-0.1), "outside"),
     (PruneConfig(pattern="4:4"), "N:M"), (PruneConfig(pattern="2:3"), "divisible"),
     (PruneConfig(targets=("qkv",)), "match no module"), (PruneConfig(method="obs"), "method"),
+    (PruneConfig(method="wanda", obs_update=True), "obs_update applies to"),
 ])
 def test_bad_settings_fail_before_any_change(config, message):
     model = lora_model()

@@ -67,6 +67,7 @@ def test_run_writes_expert_report_and_plots(tiny_setup, capsys):
     (["--masked-adapter", "--method", "wanda"], "--masked-adapter applies to"),
     (["--prune-at-start", "--method", "dense"], "--prune-at-start applies to"),
     (["--reset-optimizer", "--method", "sparsegpt"], "--reset-optimizer applies to"),
+    (["--obs-update", "--method", "magnitude"], "--obs-update applies to"),
 ])
 def test_bad_options_fail_before_any_work(tiny_setup, extra, message, capsys):
     tmp_path, args = tiny_setup
