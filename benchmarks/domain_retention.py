@@ -46,6 +46,10 @@ METHODS = {
     # the `efx run` default: recorded in the last 4 steps before each call (32 sequences, the calibration size)
     "efficientxpert-efx-trainstats-last4": ({"method": "efficientxpert", "preset": "efx"}, "inside",
                                             {"statistics": "training", "record_steps": 4}),
+    # what `efx run --reset-optimizer` runs
+    "efficientxpert-efx-trainstats-last4-reset": ({"method": "efficientxpert", "preset": "efx"}, "inside",
+                                                  {"statistics": "training", "record_steps": 4,
+                                                   "reset_optimizer": True}),
     "efficientxpert-efx-early": ({"method": "efficientxpert", "preset": "efx"}, "inside",
                                  {"prune_at_start": True, "masked_adapter": True}),
     "efficientxpert-efx": ({"method": "efficientxpert", "preset": "efx"}, "inside"),
