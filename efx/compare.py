@@ -7,13 +7,14 @@ from collections import defaultdict
 from pathlib import Path
 
 from efx.io import atomic_folder, check_output_free
+from efx.prune import FORESIGHT_METHODS
 from efx.report import retention_plot
 
 
 def method_label(settings: dict) -> str:
     """A method with the options that make it a different line on the plot."""
     label = settings["method"]
-    if label in ("efficientxpert", "foresight"):
+    if label in FORESIGHT_METHODS:
         label += f" ({settings.get('preset', 'efx')})"
     elif label != "dense":
         label += f" ({settings.get('pipeline') or 'lora-prune'})"

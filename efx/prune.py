@@ -25,7 +25,8 @@ from efx.call_store import CallStore
 
 log = logging.getLogger(__name__)
 
-METHODS = ("efficientxpert", "foresight", "wanda", "magnitude", "sparsegpt")
+FORESIGHT_METHODS = ("efficientxpert", "foresight")  # scored by ForeSight, pruned inside training
+METHODS = (*FORESIGHT_METHODS, "wanda", "magnitude", "sparsegpt")
 ROLE_ALIASES = {"q_proj": "q", "k_proj": "k", "v_proj": "v", "o_proj": "o", "gate_proj": "gate", "up_proj": "up",
                 "down_proj": "down"}
 
@@ -81,7 +82,7 @@ class PruneConfig:
     def needs_hessian(self) -> bool:
         """True when the call needs E[x x^T] (SparseGPT, Hessian PBS, the OBS update)."""
         return self.method == "sparsegpt" or (self.run_pbs and self.pbs_hessian) or \
-            (self.obs_update and self.method in ("efficientxpert", "foresight"))
+            (self.obs_update and self.method in FORESIGHT_METHODS)
 
     def validate(self) -> None:
         """Raise ValueError naming the first bad setting."""
@@ -98,7 +99,7 @@ class PruneConfig:
             raise ValueError(f"mask_lr {self.mask_lr} is outside (0, 1]")
         if self.pbs_keep_weight < 0 or self.pbs_ridge < 0:
             raise ValueError("pbs_keep_weight and pbs_ridge must be >= 0")
-        if self.obs_update and self.method not in ("efficientxpert", "foresight"):
+        if self.obs_update and self.method not in FORESIGHT_METHODS:
             raise ValueError(f"obs_update applies to efficientxpert and foresight, not method {self.method!r}")
 
     @property
@@ -315,11 +316,11 @@ def _prune_module(arch, block, role, module, stats, config, memory, name, undo, 
     nm = parse_pattern(config.pattern)
     sparsity = config.effective_sparsity
     merged = None
-    if config.method in ("efficientxpert", "foresight") and nm is not None and not config.use_memory:
+    if config.method in FORESIGHT_METHODS and nm is not None and not config.use_memory:
         # no score to remember: the fused kernel goes straight from weights to the N:M mask
         keep = efx_kernels.foresight_nm_keep_mask(**score_inputs(arch, block, role, stats, config.preset), n=nm[0],
                                                   m=nm[1])
-    elif config.method in ("efficientxpert", "foresight"):
+    elif config.method in FORESIGHT_METHODS:
         prev = memory.scores.get(name) if config.use_memory else None
         score = foresight_score(arch, block, role, stats, config.preset, prev=prev, eta=config.mask_lr)
         if keep_scores:
@@ -334,7 +335,7 @@ def _prune_module(arch, block, role, module, stats, config, memory, name, undo, 
             baselines.wanda_score(U, stats.act_sq, stats.tokens)
         keep = select_keep_mask(score, sparsity, config.pattern, config.granularity)
 
-    if merged is None and config.obs_update and config.method in ("efficientxpert", "foresight"):
+    if merged is None and config.obs_update:  # validate() allows it for the ForeSight methods only
         merged, keep = baselines.sparsegpt(combined(), stats.hessian.to(weight.device), sparsity, config.pattern,
                                            config.sparsegpt_block, config.sparsegpt_damp, keep_mask=keep)
     if merged is None:

@@ -23,7 +23,7 @@ from efx.io import atomic_folder, atomic_write_text, check_output_free
 from efx.measure import measure
 from efx.models import load_model
 from efx.pipelines import calibration_batches, prune_and_adapt, unload
-from efx.prune import METHODS, PruneConfig
+from efx.prune import FORESIGHT_METHODS, METHODS, PruneConfig
 from efx.callback import STATISTICS
 from efx.checkpoint import save_sparse
 from efx.report import sparsity_audit, versions, write_report
@@ -110,16 +110,16 @@ class RunSettings:
             raise ValueError(f"--method {self.method!r}: expected one of {RUN_METHODS}")
         if self.pipeline not in (None, "lora-prune", "prune-lora-reprune"):
             raise ValueError(f"--pipeline {self.pipeline!r}: expected lora-prune or prune-lora-reprune")
-        if self.method in ("efficientxpert", "foresight") and self.pipeline:
+        if self.method in FORESIGHT_METHODS and self.pipeline:
             raise ValueError("--pipeline applies to the baselines; EfficientXpert prunes inside training")
-        if self.epochs < 2 and self.method in ("efficientxpert", "foresight"):
+        if self.epochs < 2 and self.method in FORESIGHT_METHODS:
             raise ValueError("EfficientXpert needs --epochs >= 2 (epoch 1 is plain LoRA)")
         for name in ("n_examples", "batch_size", "calib", "lora_r"):
             if getattr(self, name) <= 0:
                 raise ValueError(f"--{name.replace('_', '-')} must be positive")
         if self.statistics not in ("auto", *STATISTICS):
             raise ValueError(f"--statistics {self.statistics!r}: expected auto or one of {STATISTICS}")
-        if self.method not in ("efficientxpert", "foresight"):
+        if self.method not in FORESIGHT_METHODS:
             inside = [n for n in ("obs_update", "masked_adapter", "prune_at_start", "reset_optimizer")
                       if getattr(self, n)] + \
                 (["statistics training"] if self.statistics == "training" else [])
@@ -143,7 +143,7 @@ class RunSettings:
         """The statistics the pruning calls use ("auto" resolved)."""
         if self.statistics != "auto":
             return self.statistics
-        fits = self.method in ("efficientxpert", "foresight") and not self.prune_config().needs_hessian
+        fits = self.method in FORESIGHT_METHODS and not self.prune_config().needs_hessian
         return "training" if fits else "calibration"
 
     @property
@@ -268,8 +268,8 @@ def run(settings: RunSettings, output: str | Path, *, overwrite: bool = False, r
         "retention": retention(expert_eval, dense["eval"], metric=HEADLINE_METRIC),
         "retention_raw": retention(expert_eval, dense["eval"], metric="accuracy"),
         "sparsity": sparsity_audit(expert), "prune_calls": expert_stage.get("calls", []),
-        "statistics": settings.callback_statistics if settings.method in ("efficientxpert", "foresight") else None,
-        "record_steps": settings.callback_record_steps if settings.method in ("efficientxpert", "foresight") else None,
+        "statistics": settings.callback_statistics if settings.method in FORESIGHT_METHODS else None,
+        "record_steps": settings.callback_record_steps if settings.method in FORESIGHT_METHODS else None,
         "packed": expert_stage.get("packed"),
         "measure": record,
         "cost": {"time_ratio": expert_train["seconds"] / record["dense_train"]["seconds"],
@@ -292,7 +292,7 @@ def _train_expert(model, tokenizer, suite, settings: RunSettings, output: Path) 
     else:
         calib = calibration_batches(tokenizer, suite.train, n=settings.calib, seed=settings.seed,
                                     system=suite.system)
-        pipeline = "inside" if settings.method in ("efficientxpert", "foresight") else \
+        pipeline = "inside" if settings.method in FORESIGHT_METHODS else \
             (settings.pipeline or "lora-prune")
         with measure(record, "expert_train"):
             model, report = prune_and_adapt(model, tokenizer, suite.train, prune=settings.prune_config(),
