@@ -26,5 +26,5 @@ setup(
         "licensedcode-data",
     ],
     extras_require={"dev": ["pytest", "pytest-benchmark"]},
-    entry_points={"console_scripts": ["efx=efx.cli:main"]},
+    entry_points={"console_scripts": ["efx=efx.cli.main:main"]},
 )

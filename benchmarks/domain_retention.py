@@ -21,15 +21,15 @@ import time
 from dataclasses import asdict, replace
 from pathlib import Path
 
-from efx.data import load_suite
-from efx.evaluate import evaluate, retention
+from efx.data.suites import load_suite
+from efx.evaluation.evaluate import evaluate, retention
 from efx.io import atomic_write_text
 from efx.measure import measure
-from efx.models import load_model
-from efx.pipelines import calibration_batches, prune_and_adapt, unload
-from efx.prune import PruneConfig, prune
-from efx.report import retention_plot, sparsity_audit, versions
-from efx.run import RunSettings
+from efx.model.loading import load_model
+from efx.recipes import calibration_batches, prune_and_adapt, unload
+from efx.method.prune import PruneConfig, prune
+from efx.evaluation.report import retention_plot, sparsity_audit, versions
+from efx.cli.run import RunSettings
 from efx.training import train_lora
 
 log = logging.getLogger("domain_retention")

@@ -65,7 +65,7 @@ def heap_snapshot() -> dict:
 
 
 def child(kind: str, steps: int) -> None:
-    from efx.arch import unwrap
+    from efx.model.arch import unwrap
     from efx.training import train_lora
 
     settings, model, tok, suite, callbacks = setup(kind, "medical")
@@ -94,7 +94,7 @@ def main() -> None:
         child(args.child, args.steps)
         return
     from efx.io import atomic_write_text
-    from efx.report import versions
+    from efx.evaluation.report import versions
 
     env = dict(os.environ, **dict(item.split("=", 1) for item in args.malloc_env))
     runs = []

@@ -19,7 +19,7 @@ import torch
 
 import efx_kernels
 from efx.io import atomic_write_text
-from efx.report import versions
+from efx.evaluation.report import versions
 from efx_kernels import pack, reference
 
 PEAK_BYTES_PER_S = {"H200": 4.8e12, "H100": 3.35e12}
@@ -91,7 +91,7 @@ def bench_pruning(device, dtype, shape=(4096, 14336), r=16) -> list[dict]:
                  "reference_ms": ms_ref})
     keep = masks(m, n, 0.5, device)
     g = stat + 0.1
-    from efx.pbs import partial_brain_surgeon
+    from efx.method.pbs import partial_brain_surgeon
     for kw in (1.0, 0.5):
         ms = timer(lambda: partial_brain_surgeon(W, A, B, keep, g, scale=2.0, keep_weight=kw))
         rows.append({"op": "pbs_layer", "shape": [m, n], "r": r, "keep_weight": kw, "ms": ms})

@@ -30,11 +30,11 @@ KINDS = {"efficientxpert": ("calibration", False), "efficientxpert-trainstats": 
 
 def setup(kind: str, domain: str):
     """(settings, model, tokenizer, suite, callbacks) of one run of `kind` ("lora" or a KINDS key)."""
-    from efx.callback import EfficientXpertCallback
-    from efx.data import load_suite
-    from efx.models import load_model
-    from efx.pipelines import calibration_batches
-    from efx.run import RunSettings
+    from efx.method.schedule import EfficientXpertCallback
+    from efx.data.suites import load_suite
+    from efx.model.loading import load_model
+    from efx.recipes import calibration_batches
+    from efx.cli.run import RunSettings
 
     statistics, every_step = KINDS.get(kind, ("calibration", False))
     settings = RunSettings(domain=domain, statistics=statistics, record_steps=0 if every_step else None)
@@ -102,8 +102,8 @@ def main() -> None:
         child(args.child, args.domain)
         return
     from efx.io import atomic_write_text
-    from efx.report import versions
-    from efx.run import RunSettings
+    from efx.evaluation.report import versions
+    from efx.cli.run import RunSettings
     runs = []
     for i in range(args.repeats):
         order = ["lora", *args.kinds]

@@ -20,8 +20,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
 from test_pbs import per_row_reference  # noqa: E402  (the loop lives with the tests)
 
 from efx.io import atomic_write_text  # noqa: E402
-from efx.pbs import partial_brain_surgeon  # noqa: E402
-from efx.report import versions  # noqa: E402
+from efx.method.pbs import partial_brain_surgeon  # noqa: E402
+from efx.evaluation.report import versions  # noqa: E402
 
 
 def median_seconds(fn, repeats: int) -> float:

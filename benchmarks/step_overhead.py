@@ -42,13 +42,13 @@ def main() -> None:
     import torch
     from transformers import set_seed
 
-    from efx.activation_recorder import ActivationRecorder
-    from efx.data import load_suite
+    from efx.method.recorder import ActivationRecorder
+    from efx.data.suites import load_suite
     from efx.io import atomic_write_text
-    from efx.models import load_model
-    from efx.prune import CARRIED, PruneMemory, prune
-    from efx.report import versions
-    from efx.run import RunSettings
+    from efx.model.loading import load_model
+    from efx.method.prune import CARRIED, PruneMemory, prune
+    from efx.evaluation.report import versions
+    from efx.cli.run import RunSettings
     from efx.training import CompletionDataset, add_lora, completion_loss, pad_collate, training_subset
 
     settings = RunSettings(domain=args.domain, statistics="training")

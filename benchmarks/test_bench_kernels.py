@@ -6,7 +6,7 @@ import pytest
 import torch
 
 import efx_kernels
-from efx.pbs import partial_brain_surgeon
+from efx.method.pbs import partial_brain_surgeon
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 DTYPE = torch.bfloat16 if DEVICE == "cuda" else torch.float32

@@ -2,11 +2,11 @@
 fine-tuning run (EfficientXpert: ForeSight Mask + Partial Brain Surgeon)."""
 import logging
 
-from efx.arch import architecture_map
-from efx.data import Suite, load_suite
-from efx.evaluate import evaluate, retention
-from efx.models import load_model
-from efx.prune import PruneConfig, PruneMemory, PruneReport, prune
+from efx.model.arch import architecture_map
+from efx.data.suites import Suite, load_suite
+from efx.evaluation.evaluate import evaluate, retention
+from efx.model.loading import load_model
+from efx.method.prune import PruneConfig, PruneMemory, PruneReport, prune
 from efx.training import LoraSettings, TrainSettings, train_lora
 
 __version__ = "0.1.0"
@@ -20,12 +20,12 @@ logging.getLogger(__name__).addHandler(logging.NullHandler())
 def __getattr__(name):
     # Heavier pieces load on first use so `import efx` stays light.
     if name == "EfficientXpertCallback":
-        from efx.callback import EfficientXpertCallback
+        from efx.method.schedule import EfficientXpertCallback
         return EfficientXpertCallback
     if name == "prune_and_adapt":
-        from efx.pipelines import prune_and_adapt
+        from efx.recipes import prune_and_adapt
         return prune_and_adapt
     if name in ("SparseLoRALinear", "to_sparse_lora"):
-        from efx import sparse_linear
+        from efx.model import sparse_linear
         return getattr(sparse_linear, name)
     raise AttributeError(f"module 'efx' has no attribute {name!r}")

@@ -1,5 +1,5 @@
 """Dense LoRA fine-tuning through peft and the transformers Trainer, with completion-only loss.
-Pruning plugs in as a Trainer callback (efx.callback)."""
+Pruning plugs in as a Trainer callback (efx.method.schedule)."""
 from __future__ import annotations
 
 import logging
@@ -10,7 +10,7 @@ from dataclasses import dataclass, field
 import torch
 from torch.utils.data import Dataset
 
-from efx.prompts import encode_pair
+from efx.data.prompts import encode_pair
 
 log = logging.getLogger(__name__)
 
@@ -93,7 +93,7 @@ def completion_loss(model, inputs: dict) -> torch.Tensor:
     """Mean next-token cross-entropy over completion tokens, computing vocabulary logits only
     at the positions that predict a completion token (the LM head is a large share of a small
     model's cost, and most positions are prompt)."""
-    from efx.arch import unwrap
+    from efx.model.arch import unwrap
 
     inner = unwrap(model)
     body = getattr(inner, getattr(inner, "base_model_prefix", ""), None)

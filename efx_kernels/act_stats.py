@@ -1,17 +1,70 @@
-"""Column second moments of activations, for ForeSight and Wanda statistics.
+"""Column second moments of activations, for ForeSight and Wanda statistics (and E[x x^T] for
+SparseGPT and Hessian PBS).
 
-One pass over x (tokens x n): each program owns a block of columns and a slice of the
-tokens, and writes a partial sum; the partials are then added in a fixed order, so the result
-does not depend on scheduling (no atomics) and every rank of a data-parallel job computes
+Triton: one pass over x (tokens x n); each program owns a block of columns and a slice of the
+tokens and writes a partial sum; the partials are then added in a fixed order, so the result does
+not depend on scheduling (no atomics) and every rank of a data-parallel job computes
 bit-identical statistics from identical inputs.
 """
 from __future__ import annotations
 
 import torch
-import triton
-import triton.language as tl
+
+from efx_kernels._triton import tl, triton
+from efx_kernels.dispatch import use_triton
 
 
+def accumulate_act_sq(x: torch.Tensor, acc: torch.Tensor, token_mask: torch.Tensor | None = None) -> int:
+    """acc (n,) fp32 += per-column sum of x**2 over tokens; x is (..., n) in fp32/bf16/fp16;
+    `token_mask` (x's leading shape, nonzero = counted) excludes padding. Returns tokens counted."""
+    if acc.dtype != torch.float32 or acc.shape != (x.shape[-1],):
+        raise ValueError(f"acc must be fp32 of shape ({x.shape[-1]},), got {acc.dtype} {tuple(acc.shape)}")
+    if token_mask is not None and token_mask.shape != x.shape[:-1]:
+        raise ValueError(f"token_mask shape {tuple(token_mask.shape)} does not match x {tuple(x.shape[:-1])}")
+    if use_triton(x, acc):
+        return accumulate_act_sq_triton(x, acc, token_mask)
+    return _accumulate_act_sq_torch(x, acc, token_mask)
+
+
+def accumulate_hessian(x: torch.Tensor, acc: torch.Tensor, token_mask: torch.Tensor | None = None) -> int:
+    """acc (n, n) fp32 += x^T x over (non-padding) tokens; returns the tokens counted. A GEMM:
+    torch's is already the fast path on every device."""
+    n = x.shape[-1]
+    if acc.dtype != torch.float32 or acc.shape != (n, n):
+        raise ValueError(f"acc must be fp32 of shape ({n}, {n}), got {acc.dtype} {tuple(acc.shape)}")
+    rows = token_rows(x, token_mask).float()
+    acc += rows.T @ rows
+    return rows.shape[0]
+
+
+# ---- torch reference ------------------------------------------------------------------
+
+def token_rows(x: torch.Tensor, token_mask: torch.Tensor | None) -> torch.Tensor:
+    """x flattened to (tokens, n) with the padding tokens removed."""
+    rows = x.reshape(-1, x.shape[-1])
+    if token_mask is not None:
+        rows = rows[token_mask.reshape(-1).to(torch.bool)]
+    return rows
+
+
+def accumulate_act_sq_reference(x: torch.Tensor, acc: torch.Tensor, token_mask: torch.Tensor | None = None) -> int:
+    """acc += sum over the counted tokens of x**2 (fp32); returns the tokens counted."""
+    rows = token_rows(x, token_mask).float()
+    acc += (rows * rows).sum(0)
+    return rows.shape[0]
+
+
+def _accumulate_act_sq_torch(x, acc, token_mask) -> int:
+    """The reference, squaring in place where the rows are already a copy of x (padding removed,
+    or converted to fp32), so no second (tokens, n) tensor is made."""
+    rows = token_rows(x, token_mask).float()
+    copied = rows.untyped_storage().data_ptr() != x.untyped_storage().data_ptr()
+    squares = rows.mul_(rows) if copied else rows * rows
+    acc += squares.sum(0)
+    return rows.shape[0]
+
+
+# ---- Triton ---------------------------------------------------------------------------
 @triton.jit
 def _act_sq_partial_kernel(x_ptr, keep_ptr, part_ptr, n_tokens, n_cols, stride_x, tokens_per_split,
                            HAS_MASK: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_N: tl.constexpr):

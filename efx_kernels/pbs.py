@@ -1,23 +1,190 @@
-"""Batched Partial Brain Surgeon kernels.
+"""Batched Partial Brain Surgeon (method.md section 4): the update dB of the LoRA factor B under a
+fixed mask, for all rows at once.
 
-keep_weight = 1: one pass over W computes (P*U) D A^T with U = W + s*B@A formed on chip and
-the mask applied on the fly (neither U nor P*U goes to memory); the single r x r system is
-solved by torch.
+Per row i, with S_i the pruned columns, g = E[x^2] and U = W + s*B@A:
 
-General keep_weight > 0: one program per row streams W[i], A and the mask once, accumulates
-its Gram G_i = A diag(g_j (keep_weight + (1 - keep_weight) [j in S_i])) A^T with a tensor-core
-dot and its right-hand side beside it, then factors s^2 G_i + ridge I by Cholesky and solves,
-all in registers (fp32; keep_weight > 0 keeps every G_i at least keep_weight * A D A^T, so fp32
-is enough). keep_weight = 0 can leave a row's Gram singular up to the ridge, where only fp64
-keeps the ridge meaningful: dispatch sends it to the torch reference.
+    (s^2 G_i + ridge I) db_i = -s sum_{j in S_i} g_j U_ij a_j,
+    G_i = A diag(g_j (keep_weight + (1 - keep_weight) [j in S_i])) A^T.
+
+Three paths per op: the torch reference (the formulas above in fp64, the truth the tests use), a
+torch path for every device (row blocks, no m x n temporary, buffers held between calls on a
+CPU) and the Triton kernels:
+- keep_weight = 1: one pass over W computes (P*U) D A^T with U formed on chip and the mask
+  applied on the fly; the single r x r system is solved by torch.
+- 0 < keep_weight < 1: one program per row streams W[i], A and the mask once, accumulates its
+  Gram and right-hand side, then factors s^2 G_i + ridge I by Cholesky and solves in registers
+  (fp32: keep_weight > 0 keeps every G_i at least keep_weight * A D A^T). keep_weight = 0 can
+  leave a row's Gram singular up to the ridge, where only fp64 keeps the ridge meaningful: it
+  takes the torch path. Both kernels use fp32 FMA dots (input_precision "ieee"), not tf32.
+Hessian PBS (full H = E[x x^T]) is torch only: row blocks of batched GEMMs against H.
 """
 from __future__ import annotations
 
+import math
+import threading
+
 import torch
-import triton
-import triton.language as tl
+
+from efx_kernels._triton import block_for_rank, tl, triton
+from efx_kernels.dispatch import use_triton
+from efx_kernels.lora import effective_weight
+
+MAX_FUSED_RANK = 64  # the fused row solve holds an r x r Gram in registers
 
 
+def pbs_delta_keep1(W, A, B, scale: float, keep_mask, act_sq, ridge: float) -> torch.Tensor:
+    """dB (m, r) fp32 of PBS with keep_weight = 1: -s ((P*U) D A^T)(s^2 A D A^T + ridge I)^-1.
+    W (m, n), A (r, n), B (m, r), keep_mask (m, n) bool, act_sq (n,)."""
+    if use_triton(W, A, B, act_sq):
+        rhs = masked_rhs_triton(W, A, B, scale, keep_mask, act_sq)
+    else:
+        rhs, _ = _pruned_products(W, A, B, scale, keep_mask, True, act_sq, torch.float32)
+    return _solve_shared_gram(A, act_sq, scale, ridge, rhs)
+
+
+def pbs_delta_general(W, A, B, scale: float, prune_mask, act_sq, keep_weight: float, ridge: float) -> torch.Tensor:
+    """dB (m, r) fp32 of PBS for any keep_weight in [0, 1]; `prune_mask` (m, n) bool is S_i per row."""
+    if use_triton(W, A, B, act_sq) and A.shape[0] <= MAX_FUSED_RANK and keep_weight > 0:
+        return row_solve_triton(W, A, B, scale, prune_mask, act_sq, keep_weight, ridge)
+    return _pbs_delta_general_torch(W, A, B, scale, prune_mask, act_sq, keep_weight, ridge)
+
+
+def hessian_pbs_delta(U, keep_mask, A, H, scale: float, ridge: float, block_rows: int = 64) -> torch.Tensor:
+    """dB (m, r) fp32 minimizing ||s db (A * M_i) - P_i * U_i||_H^2 + ridge ||db||^2 per row:
+    (s^2 At_i H At_i^T + ridge I) db = s At_i H (P_i * U_i)^T, At_i = A with pruned columns zeroed.
+    Row blocks of batched GEMMs against H."""
+    A, H = A.float(), H.float()
+    m, r = U.shape[0], A.shape[0]
+    out = torch.zeros(m, r, dtype=torch.float32, device=U.device)
+    eye = torch.eye(r, dtype=torch.float64, device=U.device)
+    for start in range(0, m, block_rows):
+        keep = keep_mask[start:start + block_rows].float()
+        pruned_u = U[start:start + block_rows].float() * (1.0 - keep)
+        masked_a = A[None, :, :] * keep[:, None, :]                      # (b, r, n)
+        a_h = masked_a @ H                                               # (b, r, n)
+        gram = scale * scale * (a_h @ masked_a.transpose(1, 2)) + ridge * eye
+        rhs = scale * (a_h @ pruned_u[:, :, None])                       # (b, r, 1)
+        out[start:start + block_rows] = torch.linalg.solve(gram.double(), rhs.double())[..., 0].float()
+    return out
+
+
+def _solve_shared_gram(A, act_sq, scale: float, ridge: float, rhs: torch.Tensor) -> torch.Tensor:
+    """dB = rhs (s^2 A D A^T + ridge I)^-1 for keep_weight 1, where every row shares one Gram.
+    The r x r system is formed and solved in fp64 (it is tiny; fp32 would lose the ridge)."""
+    A64, g = A.double(), act_sq.double()
+    gram = scale * scale * (A64 * g) @ A64.T + ridge * torch.eye(A.shape[0], dtype=torch.float64, device=A.device)
+    return torch.linalg.solve(gram, rhs.double().T).T.float()
+
+
+# ---- torch reference ------------------------------------------------------------------
+
+def pbs_delta_reference(W, A, B, scale: float, prune_mask, act_sq, keep_weight: float, ridge: float) -> torch.Tensor:
+    """dB (m, r) fp32 for any keep_weight, the formulas of the module docstring in fp64."""
+    U = effective_weight(W, A, B, scale, torch.float64)
+    A64, g = A.double(), act_sq.double()
+    weights = g[None, :] * torch.where(prune_mask, 1.0, keep_weight).double()          # (m, n)
+    grams = torch.einsum("in,an,bn->iab", weights, A64, A64)                            # (m, r, r)
+    grams = scale * scale * grams + ridge * torch.eye(A.shape[0], dtype=torch.float64, device=A.device)
+    rhs = -scale * (torch.where(prune_mask, U, 0.0) * g[None, :]) @ A64.T              # (m, r)
+    return torch.linalg.solve(grams, rhs[..., None])[..., 0].float()
+
+
+def hessian_pbs_delta_reference(U, keep_mask, A, H, scale: float, ridge: float) -> torch.Tensor:
+    """dB (m, r) fp32 of Hessian PBS, one row at a time in fp64."""
+    A64, H64 = A.double(), H.double()
+    eye = torch.eye(A.shape[0], dtype=torch.float64, device=A.device)
+    out = torch.zeros(U.shape[0], A.shape[0], device=U.device)
+    for i in range(U.shape[0]):
+        masked_a = A64 * keep_mask[i].double()                     # At_i
+        pruned_u = U[i].double() * (~keep_mask[i]).double()        # P_i * U_i
+        gram = scale * scale * masked_a @ H64 @ masked_a.T + ridge * eye
+        out[i] = torch.linalg.solve(gram, scale * masked_a @ H64 @ pruned_u).float()
+    return out
+
+
+# ---- torch path: row blocks, buffers held on a CPU ------------------------------------
+# Allocated fresh on every call, glibc hands multi-MiB buffers back to the OS when they are freed,
+# and the next call pays one page fault per 4 KiB page (on a 1536 x 576 layer about 2 ms of a
+# 2.4 ms call). On a CPU the rows are therefore walked in blocks of at most BLOCK_ELEMENTS, each
+# through a buffer kept per (name, dtype) per thread until `release_buffers`. Other devices get
+# fresh tensors and one block: CUDA's caching allocator already reuses memory.
+
+BLOCK_ELEMENTS = 1 << 20
+_held = threading.local()
+
+
+def _row_block(m: int, n: int, device: torch.device) -> int:
+    if torch.device(device).type != "cpu":
+        return m
+    return max(1, min(m, BLOCK_ELEMENTS // max(n, 1)))
+
+
+def _buffer(name: str, shape: tuple[int, ...], dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """An uninitialized tensor of `shape`; on a CPU a view of a held buffer, so it must never
+    outlive the caller's pass."""
+    numel = math.prod(shape)
+    if torch.device(device).type != "cpu" or numel > BLOCK_ELEMENTS:
+        return torch.empty(shape, dtype=dtype, device=device)
+    buffers = _held.__dict__.setdefault("buffers", {})
+    held = buffers.get((name, dtype))
+    if held is None or held.numel() < numel:
+        held = buffers[(name, dtype)] = torch.empty(numel, dtype=dtype)
+    return held[:numel].view(shape)
+
+
+def release_buffers() -> None:
+    """Drop this thread's held buffers (at most a few tens of MiB)."""
+    _held.__dict__.pop("buffers", None)
+
+
+def _pruned_products(W, A, B, scale: float, mask, mask_keeps: bool, act_sq, dtype: torch.dtype,
+                     outer: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """rhs = -s (P * U) D A^T, (m, r), and, when `outer` (n, k) is given, P @ outer, (m, k); P is
+    the pruned set (`mask` is the kept set when `mask_keeps`). D is folded into the small A, so a
+    block costs one fused multiply-add, one masking multiply and one GEMM (two with `outer`)."""
+    m, n = W.shape
+    device = W.device
+    a = A.to(dtype)
+    coeff = (a * act_sq.to(dtype)).T
+    rhs = torch.empty(m, A.shape[0], dtype=dtype, device=device)
+    products = None if outer is None else torch.empty(m, outer.shape[1], dtype=dtype, device=device)
+    rows = _row_block(m, n, device)
+    for start in range(0, m, rows):
+        block = slice(start, min(start + rows, m))
+        u = _buffer("u", (block.stop - start, n), dtype, device).copy_(W[block])
+        u.addmm_(B[block].to(dtype), a, alpha=scale)
+        pruned = mask[block]
+        if mask_keeps:
+            pruned = torch.logical_not(pruned, out=_buffer("pruned", tuple(pruned.shape), torch.bool, device))
+        if outer is None:
+            # a uint8 multiply streams; bool-indexed selects and masked_fill_ are several times slower on CPUs
+            u.mul_(pruned.view(torch.uint8))
+        else:
+            p = _buffer("pruned_values", tuple(u.shape), dtype, device).copy_(pruned)
+            u.mul_(p)
+            torch.mm(p, outer, out=products[block])
+        torch.mm(u, coeff, out=rhs[block])
+    return rhs.mul_(-scale), products
+
+
+def _pbs_delta_general_torch(W, A, B, scale, prune_mask, act_sq, keep_weight, ridge) -> torch.Tensor:
+    """All per-row Grams with one GEMM, vec(G_i) = keep_weight vec(A D A^T) + (1 - keep_weight)
+    (P @ K)_i with K[j, (a, b)] = g_j A[a, j] A[b, j], then one batched fp64 solve (rank-deficient
+    rows, fewer pruned columns than r, stay solvable through the ridge)."""
+    # keep_weight > 0 bounds every Gram below by keep_weight * A D A^T: fp32 GEMMs suffice; at 0
+    # a row's Gram can be singular and only fp64 keeps the ridge meaningful
+    work = torch.float32 if keep_weight > 0 else torch.float64
+    Aw, g = A.to(work), act_sq.to(work)
+    r, n = A.shape
+    outer = (g[:, None, None] * Aw.T[:, :, None] * Aw.T[:, None, :]).reshape(n, r * r)
+    full = ((Aw * g) @ Aw.T).reshape(1, r * r)
+    rhs, pruned_grams = _pruned_products(W, A, B, scale, prune_mask, False, act_sq, work, outer)
+    grams = (keep_weight * full + (1.0 - keep_weight) * pruned_grams).reshape(-1, r, r).double()
+    grams = scale * scale * grams + ridge * torch.eye(r, dtype=torch.float64, device=A.device)
+    return torch.linalg.solve(grams, rhs.double()[..., None])[..., 0].float()
+
+
+# ---- Triton ---------------------------------------------------------------------------
 @triton.jit
 def _masked_u_tile(w_ptr, a_ptr, b_ptr, keep_ptr, g_ptr, rows, cols, ranks, n_rows, n_cols, rank, scale,
                    stride_w, stride_a, stride_b, stride_keep):
@@ -109,8 +276,11 @@ def _pbs_row_solve_kernel(out_ptr, w_ptr, a_ptr, b_ptr, prune_ptr, g_ptr, n_cols
     tl.store(out_ptr + i * stride_out + ranks, x, mask=rank_ok)
 
 
-def row_solve(W, A, B, scale, prune_mask, act_sq, keep_weight, ridge, block_n=64) -> torch.Tensor:
-    """dB (m, r) fp32 for keep_weight > 0, Grams and solves fused per row (r <= 64)."""
+
+def row_solve_triton(W, A, B, scale, prune_mask, act_sq, keep_weight, ridge, block_n=64) -> torch.Tensor:
+    """dB (m, r) fp32 for 0 < keep_weight, Grams and solves fused per row (r <= MAX_FUSED_RANK)."""
+    if not keep_weight > 0:
+        raise ValueError("the fused PBS row solve needs keep_weight > 0 (keep_weight 0 is solved in fp64 by torch)")
     W, A, B = (t.contiguous() for t in (W, A, B))
     prune = prune_mask.to(torch.int8).contiguous()
     m, n = W.shape
@@ -118,16 +288,12 @@ def row_solve(W, A, B, scale, prune_mask, act_sq, keep_weight, ridge, block_n=64
     out = torch.empty((m, r), dtype=torch.float32, device=W.device)
     _pbs_row_solve_kernel[(m,)](out, W, A, B, prune, act_sq.float().contiguous(), n, r, float(scale),
                                 float(keep_weight), float(ridge), W.stride(0), A.stride(0), B.stride(0),
-                                prune.stride(0), out.stride(0), BLOCK_N=block_n, BLOCK_R=_block_r(r))
+                                prune.stride(0), out.stride(0), BLOCK_N=block_n, BLOCK_R=block_for_rank(r))
     return out
 
 
-def _block_r(rank: int) -> int:
-    return max(16, triton.next_power_of_2(rank))
-
-
-def masked_rhs(W, A, B, scale, keep_mask, act_sq, block_m=32, block_n=64) -> torch.Tensor:
-    """sum_j P_ij U_ij g_j A[:, j] per row, (m, r) fp32, without materializing U or P*U."""
+def masked_rhs_triton(W, A, B, scale, keep_mask, act_sq, block_m=32, block_n=64) -> torch.Tensor:
+    """rhs = -s sum_j P_ij U_ij g_j A[:, j] per row, (m, r) fp32, without materializing U or P*U."""
     W, A, B = (t.contiguous() for t in (W, A, B))
     keep = keep_mask.to(torch.int8).contiguous()
     m, n = W.shape
@@ -136,18 +302,5 @@ def masked_rhs(W, A, B, scale, keep_mask, act_sq, block_m=32, block_n=64) -> tor
     _pbs_rhs_kernel[(triton.cdiv(m, block_m),)](out, W, A, B, keep, act_sq.float().contiguous(), m, n, r,
                                                 float(scale), W.stride(0), A.stride(0), B.stride(0),
                                                 keep.stride(0), out.stride(0), BLOCK_M=block_m, BLOCK_N=block_n,
-                                                BLOCK_R=_block_r(r))
-    return out
-
-
-def pbs_delta_keep1_triton(W, A, B, scale, keep_mask, act_sq, ridge) -> torch.Tensor:
-    rhs = -scale * masked_rhs(W, A, B, scale, keep_mask, act_sq)
-    A64, g = A.double(), act_sq.double()
-    gram = scale * scale * (A64 * g) @ A64.T + ridge * torch.eye(A.shape[0], dtype=torch.float64, device=A.device)
-    return torch.linalg.solve(gram, rhs.double().T).T.float()
-
-
-def pbs_delta_general_triton(W, A, B, scale, prune_mask, act_sq, keep_weight, ridge) -> torch.Tensor:
-    if not keep_weight > 0:
-        raise ValueError("the fused PBS row solve needs keep_weight > 0 (keep_weight 0 is solved in fp64 by torch)")
-    return row_solve(W, A, B, scale, prune_mask, act_sq, keep_weight, ridge)
+                                                BLOCK_R=block_for_rank(r))
+    return out.mul_(-scale)

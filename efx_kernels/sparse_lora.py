@@ -1,6 +1,23 @@
-"""`sparse_lora_linear`: the public op over a packed base weight, with autograd, dispatched
-between the fused Triton kernels, torch's semi-structured 2:4 path for prefill on GPUs that
-have it, and the torch reference."""
+"""Sparse base + LoRA matmul: y = x @ W^T + s * (x @ A^T) @ B^T + bias, with W read in a compressed
+format (2:4, bitmap, or masked dense; efx_kernels.formats), forward and backward (dX, dA, dB;
+the base stays frozen).
+
+Paths: the fused Triton kernels on CUDA; torch's semi-structured 2:4 path for prefill where the
+GPU has it; the torch reference (the packed weight unpacked once, then F.linear) elsewhere.
+
+Fused sparse-base + LoRA matmul: y = x @ W^T + (s * x @ A^T) @ B^T + bias, with W read in a
+compressed format (2:4, bitmap, or masked dense) and decompressed tile by tile on chip ("load as
+sparse, compute as dense"), and the LoRA product added to the accumulator before the single
+output write. The backward kernel computes dX the same way; the LoRA gradients are small
+GEMMs done by torch.
+
+Tile conventions: a weight tile is BLOCK_ROWS output features x 64 input features; bitmap
+tiles are 16 x 64, so bitmap kernels use BLOCK_ROWS = 16.
+
+On a GPU both kernels are autotuned, keyed on the token-count bucket (powers of two from 16 to
+1024), the layer shape, the LoRA rank and the format; the interpreter (CPU tests) skips the
+search and uses the tile rule of `block_m_for` / `_block_rows`.
+"""
 from __future__ import annotations
 
 import logging
@@ -8,43 +25,13 @@ import logging
 import torch
 import torch.nn.functional as F
 
-from efx_kernels.dispatch import use_triton
-from efx_kernels.formats import PackedWeight
+from efx_kernels._triton import block_for_rank, tl, triton
+from efx_kernels.dispatch import interpreting, use_triton
+from efx_kernels.formats import TILE_COLS, TILE_ROWS, PackedWeight
 
 log = logging.getLogger(__name__)
 
 PREFILL_TOKENS = 256  # from here on the 2:4 library path is tried on CUDA
-
-
-class _FusedSparseLoRA(torch.autograd.Function):
-    """Triton forward and dX; the LoRA gradients are (M x r)-sized GEMMs done by torch."""
-
-    @staticmethod
-    def forward(ctx, x2d, lora_in, A, B, bias, packed, scale):
-        from efx_kernels import sparse_matmul
-        fused = lora_in is x2d
-        xa = None if A is None else scale * (lora_in @ A.T.to(lora_in.dtype))
-        y = sparse_matmul.forward(x2d, packed, xa, None if B is None else B.to(x2d.dtype), bias)
-        ctx.packed, ctx.scale, ctx.fused = packed, scale, fused
-        ctx.save_for_backward(lora_in, A, B, xa)
-        return y
-
-    @staticmethod
-    def backward(ctx, dy):
-        from efx_kernels import sparse_matmul
-        lora_in, A, B, xa = ctx.saved_tensors
-        dy = dy.contiguous()
-        dyb = None if B is None else ctx.scale * (dy @ B.to(dy.dtype))
-        fused = ctx.fused and dyb is not None
-        dx = sparse_matmul.grad_input(dy, ctx.packed, dyb if fused else None,
-                                      A.to(dy.dtype) if fused else None) if ctx.needs_input_grad[0] else None
-        d_lora_in = None
-        if dyb is not None and not fused and ctx.needs_input_grad[1]:
-            d_lora_in = dyb @ A.to(dy.dtype)
-        dA = (dyb.T @ lora_in).to(A.dtype) if A is not None and ctx.needs_input_grad[2] else None
-        dB = (dy.T @ xa).to(B.dtype) if B is not None and ctx.needs_input_grad[3] else None
-        dbias = dy.sum(0) if ctx.needs_input_grad[4] else None
-        return dx, d_lora_in, dA, dB, dbias, None, None
 
 
 def _semi_structured(packed: PackedWeight):
@@ -97,3 +84,244 @@ def sparse_lora_linear(x: torch.Tensor, packed: PackedWeight, A: torch.Tensor | 
     if A is not None:
         y = y + scale * ((lora2d @ A.T.to(x.dtype)) @ B.T.to(x.dtype))
     return y.reshape(*lead, -1)
+
+
+# ---- torch reference ------------------------------------------------------------------
+
+def sparse_lora_linear_reference(x: torch.Tensor, weight: torch.Tensor, A: torch.Tensor | None,
+                                 B: torch.Tensor | None, scale: float, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """y = x @ W^T + scale * (x @ A^T) @ B^T + bias with W the dense (zeros where pruned) base."""
+    y = x @ weight.T.to(x.dtype)
+    if A is not None and A.numel():
+        y = y + scale * ((x @ A.T.to(x.dtype)) @ B.T.to(x.dtype))
+    if bias is not None:
+        y = y + bias.to(y.dtype)
+    return y
+
+
+# ---- Triton ---------------------------------------------------------------------------
+
+class _FusedSparseLoRA(torch.autograd.Function):
+    """Triton forward and dX; the LoRA gradients are (M x r)-sized GEMMs done by torch."""
+
+    @staticmethod
+    def forward(ctx, x2d, lora_in, A, B, bias, packed, scale):
+        fused = lora_in is x2d
+        xa = None if A is None else scale * (lora_in @ A.T.to(lora_in.dtype))
+        y = fused_forward(x2d, packed, xa, None if B is None else B.to(x2d.dtype), bias)
+        ctx.packed, ctx.scale, ctx.fused = packed, scale, fused
+        ctx.save_for_backward(lora_in, A, B, xa)
+        return y
+
+    @staticmethod
+    def backward(ctx, dy):
+        lora_in, A, B, xa = ctx.saved_tensors
+        dy = dy.contiguous()
+        dyb = None if B is None else ctx.scale * (dy @ B.to(dy.dtype))
+        fused = ctx.fused and dyb is not None
+        dx = fused_grad_input(dy, ctx.packed, dyb if fused else None,
+                                      A.to(dy.dtype) if fused else None) if ctx.needs_input_grad[0] else None
+        d_lora_in = None
+        if dyb is not None and not fused and ctx.needs_input_grad[1]:
+            d_lora_in = dyb @ A.to(dy.dtype)
+        dA = (dyb.T @ lora_in).to(A.dtype) if A is not None and ctx.needs_input_grad[2] else None
+        dB = (dy.T @ xa).to(B.dtype) if B is not None and ctx.needs_input_grad[3] else None
+        dbias = dy.sum(0) if ctx.needs_input_grad[4] else None
+        return dx, d_lora_in, dA, dB, dbias, None, None
+
+
+FORMAT_IDS = {"bitmap": 0, "2:4": 1, "masked": 2}
+BLOCK_K = TILE_COLS
+
+
+@triton.jit
+def _weight_tile(w0_ptr, w1_ptr, w2_ptr, row0, k0, n_rows, n_cols, stride0, stride1, tiles_per_row,
+                 FORMAT: tl.constexpr, BLOCK_ROWS: tl.constexpr):
+    """Dense (BLOCK_ROWS x 64) tile of W at rows row0.., columns k0..k0+63 (zeros outside W).
+
+    bitmap: w0 = values, w1 = bitmap words, w2 = tile offsets; 2:4: w0 = values, w1 = meta;
+    masked: w0 = dense weight.
+    """
+    rows = row0 + tl.arange(0, BLOCK_ROWS)
+    cols = k0 + tl.arange(0, 64)
+    ok = (rows[:, None] < n_rows) & (cols[None, :] < n_cols)
+    if FORMAT == 0:
+        word = tl.load(w1_ptr + rows[:, None] * stride1 + (cols // 32)[None, :])
+        bits = (word >> (cols % 32)[None, :]) & 1
+        flat = tl.reshape(bits, (BLOCK_ROWS * 64,))
+        before = tl.reshape(tl.cumsum(flat, 0) - flat, (BLOCK_ROWS, 64))
+        start = tl.load(w2_ptr + (row0 // BLOCK_ROWS) * tiles_per_row + k0 // 64)
+        tile = tl.load(w0_ptr + start + before, mask=(bits != 0) & ok, other=0.0)
+    elif FORMAT == 1:
+        word = tl.load(w1_ptr + rows[:, None] * stride1 + (cols // 32)[None, :], mask=ok, other=0)
+        nibble = (word >> ((cols % 32) // 4 * 4)[None, :]) & 15
+        lane = (cols % 4)[None, :]
+        first = lane == (nibble & 3)
+        second = lane == ((nibble >> 2) & 3)
+        base = w0_ptr + rows[:, None] * stride0 + ((cols // 4) * 2)[None, :]
+        v0 = tl.load(base, mask=ok & first, other=0.0)
+        v1 = tl.load(base + 1, mask=ok & second, other=0.0)
+        tile = tl.where(first, v0, v1)
+    else:
+        tile = tl.load(w0_ptr + rows[:, None] * stride0 + cols[None, :], mask=ok, other=0.0)
+    return tile
+
+
+def _tile_configs() -> list:
+    """A short list (first compiles and timings cost seconds per config): token tile x weight
+    rows; bitmap configs have 16-row tiles, the others 32 to 128."""
+    tiles = [(bm, 16, 4) for bm in (16, 32, 64, 128)]
+    tiles += [(16, 32, 4), (16, 64, 4), (16, 128, 4), (32, 64, 4), (64, 64, 4), (64, 128, 8), (128, 64, 8)]
+    return [triton.Config({"BLOCK_M": bm, "BLOCK_ROWS": br}, num_warps=warps, num_stages=3) for bm, br, warps in tiles]
+
+
+def prune_tile_configs(configs, named_args, **kwargs) -> list:
+    """Drop configs that cannot win or cannot run: bitmap tiles are 16 rows high, and a token
+    tile larger than the bucket only computes padding."""
+    bucket = named_args.get("m_bucket", kwargs.get("m_bucket", 16))
+    bitmap = kwargs.get("FORMAT", named_args.get("FORMAT")) == FORMAT_IDS["bitmap"]
+    kept = [c for c in configs if c.kwargs["BLOCK_M"] <= max(16, bucket)
+            and (c.kwargs["BLOCK_ROWS"] == TILE_ROWS if bitmap else c.kwargs["BLOCK_ROWS"] >= 32)]
+    return kept or configs[:1]
+
+
+def _quick_bench(kernel_call, quantiles):
+    """Autotuning timer: 5 ms warm-up, 20 ms of repeats per config (triton's default is 25/100)."""
+    return triton.testing.do_bench(kernel_call, warmup=5, rep=20, quantiles=quantiles)
+
+
+def _autotuned(kernel):
+    return triton.autotune(configs=_tile_configs(), key=["m_bucket", "n_out", "n_in", "rank", "FORMAT"],
+                           prune_configs_by={"early_config_prune": prune_tile_configs}, do_bench=_quick_bench)(kernel)
+
+
+def m_bucket(n_tokens: int) -> int:
+    """Autotuning bucket of a token count: the next power of two, within [16, 1024]."""
+    return max(16, min(triton.next_power_of_2(max(n_tokens, 1)), 1024))
+
+
+@_autotuned
+@triton.jit
+def _forward_kernel(y_ptr, x_ptr, w0_ptr, w1_ptr, w2_ptr, xa_ptr, b_ptr, bias_ptr, n_tokens, n_out, n_in, rank,
+                    m_bucket, stride_y, stride_x, stride0, stride1, tiles_per_row, stride_xa, stride_b,
+                    FORMAT: tl.constexpr, HAS_LORA: tl.constexpr, HAS_BIAS: tl.constexpr, PRECISION: tl.constexpr,
+                    BLOCK_M: tl.constexpr, BLOCK_ROWS: tl.constexpr, BLOCK_R: tl.constexpr):
+    tokens = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+    rows = tl.program_id(1) * BLOCK_ROWS + tl.arange(0, BLOCK_ROWS)
+    acc = tl.zeros((BLOCK_M, BLOCK_ROWS), dtype=tl.float32)
+    for k0 in range(0, n_in, 64):
+        cols = k0 + tl.arange(0, 64)
+        x = tl.load(x_ptr + tokens[:, None] * stride_x + cols[None, :],
+                    mask=(tokens[:, None] < n_tokens) & (cols[None, :] < n_in), other=0.0)
+        w = _weight_tile(w0_ptr, w1_ptr, w2_ptr, tl.program_id(1) * BLOCK_ROWS, k0, n_out, n_in, stride0, stride1,
+                         tiles_per_row, FORMAT, BLOCK_ROWS)
+        acc += tl.dot(x, tl.trans(w.to(x.dtype)), input_precision=PRECISION)
+    if HAS_LORA:
+        ranks = tl.arange(0, BLOCK_R)
+        xa = tl.load(xa_ptr + tokens[:, None] * stride_xa + ranks[None, :],
+                     mask=(tokens[:, None] < n_tokens) & (ranks[None, :] < rank), other=0.0)
+        b = tl.load(b_ptr + rows[:, None] * stride_b + ranks[None, :],
+                    mask=(rows[:, None] < n_out) & (ranks[None, :] < rank), other=0.0)
+        acc += tl.dot(xa, tl.trans(b.to(xa.dtype)), input_precision=PRECISION)
+    if HAS_BIAS:
+        acc += tl.load(bias_ptr + rows, mask=rows < n_out, other=0.0).to(tl.float32)[None, :]
+    tl.store(y_ptr + tokens[:, None] * stride_y + rows[None, :], acc.to(y_ptr.dtype.element_ty),
+             mask=(tokens[:, None] < n_tokens) & (rows[None, :] < n_out))
+
+
+@_autotuned
+@triton.jit
+def _grad_input_kernel(dx_ptr, dy_ptr, w0_ptr, w1_ptr, w2_ptr, dyb_ptr, a_ptr, n_tokens, n_out, n_in, rank,
+                       m_bucket, stride_dx, stride_dy, stride0, stride1, tiles_per_row, stride_dyb, stride_a,
+                       FORMAT: tl.constexpr, HAS_LORA: tl.constexpr, PRECISION: tl.constexpr,
+                       BLOCK_M: tl.constexpr, BLOCK_ROWS: tl.constexpr, BLOCK_R: tl.constexpr):
+    """dX[:, k0:k0+64] = dY @ W[:, k0:k0+64] + (s dY B) @ A[:, k0:k0+64]."""
+    tokens = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+    k0 = tl.program_id(1) * 64
+    cols = k0 + tl.arange(0, 64)
+    acc = tl.zeros((BLOCK_M, 64), dtype=tl.float32)
+    for r0 in range(0, n_out, BLOCK_ROWS):
+        rows = r0 + tl.arange(0, BLOCK_ROWS)
+        dy = tl.load(dy_ptr + tokens[:, None] * stride_dy + rows[None, :],
+                     mask=(tokens[:, None] < n_tokens) & (rows[None, :] < n_out), other=0.0)
+        w = _weight_tile(w0_ptr, w1_ptr, w2_ptr, r0, k0, n_out, n_in, stride0, stride1, tiles_per_row, FORMAT,
+                         BLOCK_ROWS)
+        acc += tl.dot(dy, w.to(dy.dtype), input_precision=PRECISION)
+    if HAS_LORA:
+        ranks = tl.arange(0, BLOCK_R)
+        dyb = tl.load(dyb_ptr + tokens[:, None] * stride_dyb + ranks[None, :],
+                      mask=(tokens[:, None] < n_tokens) & (ranks[None, :] < rank), other=0.0)
+        a = tl.load(a_ptr + ranks[:, None] * stride_a + cols[None, :],
+                    mask=(ranks[:, None] < rank) & (cols[None, :] < n_in), other=0.0)
+        acc += tl.dot(dyb, a.to(dyb.dtype), input_precision=PRECISION)
+    tl.store(dx_ptr + tokens[:, None] * stride_dx + cols[None, :], acc.to(dx_ptr.dtype.element_ty),
+             mask=(tokens[:, None] < n_tokens) & (cols[None, :] < n_in))
+
+
+def _weight_args(packed: PackedWeight):
+    t = packed.tensors
+    if packed.format == "bitmap":
+        return t["values"], t["bitmap"], t["offsets"], 0, t["bitmap"].stride(0), -(-packed.shape[1] // TILE_COLS)
+    if packed.format == "2:4":
+        return t["values"], t["meta"], t["meta"], t["values"].stride(0), t["meta"].stride(0), 0
+    return t["weight"], t["weight"], t["weight"], t["weight"].stride(0), 0, 0
+
+
+def block_m_for(n_tokens: int) -> int:
+    """Token tile by M bucket: decode shapes use the smallest tile tensor cores accept."""
+    if interpreting() or n_tokens <= 16:
+        return 16
+    return 32 if n_tokens <= 64 else 64
+
+
+def _block_rows(packed: PackedWeight, n_tokens: int) -> int:
+    if packed.format == "bitmap" or interpreting():
+        return TILE_ROWS
+    return 32 if n_tokens <= 64 else 64
+
+
+def _launch(kernel, packed: PackedWeight, n_tokens: int):
+    """The autotuned kernel on a GPU; under the interpreter the plain kernel with the tile rule
+    (autotuning times launches on a device, which the interpreter does not have)."""
+    if interpreting():
+        return kernel.fn, {"BLOCK_M": block_m_for(n_tokens), "BLOCK_ROWS": _block_rows(packed, n_tokens)}
+    return kernel, {}
+
+
+def _precision(dtype) -> str:
+    return "ieee" if dtype == torch.float32 else "tf32"
+
+
+def fused_forward(x2d: torch.Tensor, packed: PackedWeight, xa: torch.Tensor | None, B: torch.Tensor | None,
+            bias: torch.Tensor | None) -> torch.Tensor:
+    """y (M, out) = x2d @ W^T + xa @ B^T + bias, where xa = s * x2d @ A^T (computed by the caller)."""
+    n_tokens, n_in = x2d.shape
+    n_out = packed.shape[0]
+    y = torch.empty((n_tokens, n_out), dtype=x2d.dtype, device=x2d.device)
+    w0, w1, w2, s0, s1, tiles = _weight_args(packed)
+    rank = 0 if xa is None else xa.shape[1]
+    kernel, tiles_kw = _launch(_forward_kernel, packed, n_tokens)
+    grid = lambda meta: (triton.cdiv(n_tokens, meta["BLOCK_M"]), triton.cdiv(n_out, meta["BLOCK_ROWS"]))  # noqa: E731
+    kernel[grid](y, x2d, w0, w1, w2, xa if xa is not None else x2d, B if B is not None else x2d,
+                 bias if bias is not None else x2d, n_tokens, n_out, n_in, rank, m_bucket(n_tokens), y.stride(0),
+                 x2d.stride(0), s0, s1, tiles, xa.stride(0) if xa is not None else 0,
+                 B.stride(0) if B is not None else 0, FORMAT=FORMAT_IDS[packed.format], HAS_LORA=xa is not None,
+                 HAS_BIAS=bias is not None, PRECISION=_precision(x2d.dtype), BLOCK_R=block_for_rank(rank), **tiles_kw)
+    return y
+
+
+def fused_grad_input(dy: torch.Tensor, packed: PackedWeight, dyb: torch.Tensor | None, A: torch.Tensor | None) -> torch.Tensor:
+    """dX (M, in) = dy @ W + dyb @ A, where dyb = s * dy @ B (computed by the caller)."""
+    n_tokens, n_out = dy.shape
+    n_in = packed.shape[1]
+    dx = torch.empty((n_tokens, n_in), dtype=dy.dtype, device=dy.device)
+    w0, w1, w2, s0, s1, tiles = _weight_args(packed)
+    rank = 0 if dyb is None else dyb.shape[1]
+    kernel, tiles_kw = _launch(_grad_input_kernel, packed, n_tokens)
+    grid = lambda meta: (triton.cdiv(n_tokens, meta["BLOCK_M"]), triton.cdiv(n_in, 64))  # noqa: E731
+    kernel[grid](dx, dy, w0, w1, w2, dyb if dyb is not None else dy, A if A is not None else dy, n_tokens, n_out,
+                 n_in, rank, m_bucket(n_tokens), dx.stride(0), dy.stride(0), s0, s1, tiles,
+                 dyb.stride(0) if dyb is not None else 0, A.stride(0) if A is not None else 0,
+                 FORMAT=FORMAT_IDS[packed.format], HAS_LORA=dyb is not None, PRECISION=_precision(dy.dtype),
+                 BLOCK_R=block_for_rank(rank), **tiles_kw)
+    return dx

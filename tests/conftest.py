@@ -33,7 +33,7 @@ def tiny_llama():
 
 @pytest.fixture(scope="session")
 def embedded():
-    from efx.models import load_model
+    from efx.model.loading import load_model
     return load_model()
 
 

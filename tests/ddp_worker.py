@@ -11,9 +11,9 @@ import torch
 sys.path.insert(0, os.path.dirname(__file__))
 from conftest import char_tokenizer, tiny_model  # noqa: E402
 
-from efx.callback import EfficientXpertCallback  # noqa: E402
-from efx.pipelines import calibration_batches, unload  # noqa: E402
-from efx.prune import PruneConfig  # noqa: E402
+from efx.method.schedule import EfficientXpertCallback  # noqa: E402
+from efx.recipes import calibration_batches, unload  # noqa: E402
+from efx.method.prune import PruneConfig  # noqa: E402
 from efx.training import TrainSettings, train_lora  # noqa: E402
 
 

@@ -7,16 +7,16 @@ import pytest
 import torch
 
 from conftest import char_tokenizer, tiny_model
-from efx.activation_recorder import ActivationRecorder
-from efx.arch import architecture_map, base_linear
-from efx.calibration import calibrate
-from efx.callback import EfficientXpertCallback
-from efx.pipelines import unload
-from efx.prune import PruneConfig, prune
+from efx.method.recorder import ActivationRecorder
+from efx.model.arch import architecture_map, base_linear
+from efx.method.statistics import calibrate
+from efx.method.schedule import EfficientXpertCallback
+from efx.recipes import unload
+from efx.method.prune import PruneConfig, prune
 from efx.training import LoraSettings, TrainSettings, add_lora, train_lora
 from test_calibration_and_prune import padded_calib
 
-PRUNE_MODULE = importlib.import_module("efx.prune")  # `efx.prune` the attribute is the function
+PRUNE_MODULE = importlib.import_module("efx.method.prune")  # `efx.method.prune` the attribute is the function
 EXAMPLES = [{"prompt": f"say {w}", "completion": w} for w in ("alpha", "beta", "gamma", "delta")] * 4
 
 
@@ -203,7 +203,7 @@ def test_gradient_checkpointing_keeps_the_recorded_mean():
 def test_reference_act_sq_equals_the_plain_sum(dtype, padding):
     """The torch path (the truth for the Triton kernel) against the plain sum of squares over the
     kept tokens, for the padding layouts a tokenizer produces and an integer mask."""
-    from efx_kernels import reference
+    import efx_kernels
     gen = torch.Generator().manual_seed(0)
     x = torch.randn(4, 11, 16, generator=gen).to(dtype)
     lengths = torch.tensor([11, 3, 7, 0])
@@ -218,7 +218,7 @@ def test_reference_act_sq_equals_the_plain_sum(dtype, padding):
     want = torch.full((16,), 0.25) + (rows * rows).sum(0)
     got = torch.full((16,), 0.25)
     before = x.clone()
-    assert reference.accumulate_act_sq(x, got, mask) == rows.shape[0]
+    assert efx_kernels.accumulate_act_sq(x, got, mask) == rows.shape[0]
     torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
     assert torch.equal(x, before)  # squared in a copy, never in the caller's tensor
 
@@ -228,14 +228,14 @@ def test_reference_act_sq_equals_the_plain_sum(dtype, padding):
 def test_record_steps_limits_each_window_to_its_last_steps(monkeypatch, schedule, record_steps, sequences):
     """16 examples, batch 8: two optimizer steps between calls under either schedule. Each call
     sees the sequences of the last `record_steps` steps before it (all of them with None)."""
-    import efx.callback
+    import efx.method.schedule
     seen = []
 
     def counting_prune(model, calib, config, *, recorded=None, **kwargs):
         seen.append(max(s.sequences for s in recorded.sums.values()))
         return prune(model, calib, config, recorded=recorded, **kwargs)
 
-    monkeypatch.setattr(efx.callback, "prune", counting_prune)
+    monkeypatch.setattr(efx.method.schedule, "prune", counting_prune)
     callback = EfficientXpertCallback(None, PruneConfig(sparsity=0.5), statistics="training", schedule=schedule,
                                       every_steps=2 if schedule == "steps" else None, record_steps=record_steps)
     settings = TrainSettings(epochs=3, n_examples=0, batch_size=8, learning_rate=1e-2)

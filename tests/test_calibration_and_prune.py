@@ -6,12 +6,13 @@ import pytest
 import torch
 
 from conftest import tiny_model
-from efx.arch import architecture_map, base_linear
-from efx.baselines import sparsegpt, wanda_score
-from efx.calibration import calibrate
-from efx.foresight import select_keep_mask
-from efx.prune import PruneConfig, PruneMemory, _overlap, pack_mask, prune, unpack_mask
-from efx.call_store import CallStore
+from efx.model.arch import architecture_map, base_linear
+from efx.method.baselines import sparsegpt, wanda_score
+from efx.method.statistics import calibrate
+from efx.method.foresight import select_keep_mask
+from efx.method.prune import PruneConfig, PruneMemory, prune
+from efx.method.score_memory import mask_overlap, pack_mask, unpack_mask
+from efx.method.score_memory import CarriedTensors
 from efx.training import LoraSettings, add_lora
 
 
@@ -134,7 +135,7 @@ def test_merge_applies_the_adapter_before_masking():
 @pytest.mark.parametrize("offload", [True, False])
 def test_score_memory_and_overlap(offload):
     model = lora_model()
-    memory = PruneMemory(scores=CallStore(offload=offload), masks=CallStore(offload=offload))
+    memory = PruneMemory(scores=CarriedTensors(offload=offload), masks=CarriedTensors(offload=offload))
     first = prune(model, padded_calib(), PruneConfig(sparsity=0.3), memory=memory)
     assert first.mask_overlap is None and memory.calls == 1 and len(memory.scores) == 14
     name = "model.layers.0.mlp.up_proj"
@@ -171,10 +172,10 @@ def test_mask_overlap_on_packed_bits_is_the_jaccard_index_of_the_pruned_sets(sha
     pruned_a, pruned_b = set(torch.nonzero(~a.reshape(-1)).flatten().tolist()), \
         set(torch.nonzero(~b.reshape(-1)).flatten().tolist())
     want = len(pruned_a & pruned_b) / len(pruned_a | pruned_b)
-    assert _overlap(pack_mask(a), pack_mask(b), a.numel()) == pytest.approx(want)
-    assert _overlap(None, pack_mask(b), b.numel()) is None
+    assert mask_overlap(pack_mask(a), pack_mask(b), a.numel()) == pytest.approx(want)
+    assert mask_overlap(None, pack_mask(b), b.numel()) is None
     everything = torch.ones(shape, dtype=torch.bool)  # nothing pruned in either call
-    assert _overlap(pack_mask(everything), pack_mask(everything), everything.numel()) == 1.0
+    assert mask_overlap(pack_mask(everything), pack_mask(everything), everything.numel()) == 1.0
 
 
 def test_kept_masks_match_the_weights():
@@ -192,7 +193,7 @@ def test_kept_masks_match_the_weights():
 def test_call_store_files_and_ram_agree():
     score = torch.randn(7, 9).to(torch.bfloat16)
     packed = pack_mask(torch.rand(5, 13) > 0.5)
-    stores = [CallStore(offload=True), CallStore(offload=False)]
+    stores = [CarriedTensors(offload=True), CarriedTensors(offload=False)]
     for store in stores:
         store.stage("a", score)
         store.stage("m", packed)

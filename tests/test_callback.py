@@ -9,10 +9,11 @@ import pytest
 import torch
 
 from conftest import char_tokenizer, tiny_model
-from efx.arch import architecture_map, base_linear
-from efx.callback import EfficientXpertCallback
-from efx.pipelines import calibration_batches, prune_and_adapt, unload
-from efx.prune import PruneConfig, unpack_mask
+from efx.model.arch import architecture_map, base_linear
+from efx.method.schedule import EfficientXpertCallback
+from efx.recipes import calibration_batches, prune_and_adapt, unload
+from efx.method.prune import PruneConfig
+from efx.method.score_memory import unpack_mask
 from efx.training import TrainSettings, train_lora
 
 EXAMPLES = [{"prompt": f"say {w}", "completion": w} for w in ("alpha", "beta", "gamma", "delta")] * 4
@@ -43,8 +44,8 @@ def test_epoch_schedule_ends_merged_and_exactly_sparse(tmp_path, pattern, expect
 
 
 def test_prune_at_start_keeps_the_mask_through_training(monkeypatch):
-    import efx.callback as callback_module
-    from efx.arch import effective_weight
+    import efx.method.schedule as callback_module
+    from efx.model.arch import module_weight
     tok = char_tokenizer()
     calib = calibration_batches(tok, EXAMPLES, n=8)
     callback = EfficientXpertCallback(calib, PruneConfig(sparsity=0.5), prune_at_start=True, masked_adapter=True,
@@ -57,7 +58,7 @@ def test_prune_at_start_keeps_the_mask_through_training(monkeypatch):
             for role, module in block.targets.items():
                 packed = callback.memory.masks.get(block.qualified(role))
                 if packed is not None:
-                    u = effective_weight(module)
+                    u = module_weight(module)
                     outside.append(float(u[~unpack_mask(packed, u.shape)].abs().max()))
         return real_prune(model, *args, **kwargs)
 
@@ -117,7 +118,7 @@ def test_step_schedule_and_prune_and_adapt_pipelines():
 
 @pytest.mark.parametrize("schedule", ["epoch", "steps"])
 def test_each_call_carries_only_what_a_later_call_reads(monkeypatch, schedule):
-    import efx.callback as callback_module
+    import efx.method.schedule as callback_module
     tok = char_tokenizer()
     steps = {"schedule": "steps", "every_steps": 3} if schedule == "steps" else {}  # steps: calls at 3 and 6 of 8
     callback = EfficientXpertCallback(calibration_batches(tok, EXAMPLES, n=8), PruneConfig(sparsity=0.5), **steps)

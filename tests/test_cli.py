@@ -5,7 +5,7 @@ import json
 import pytest
 
 from conftest import char_tokenizer, tiny_model
-from efx.cli import main
+from efx.cli.main import main
 
 
 @pytest.fixture
@@ -78,7 +78,7 @@ def test_bad_options_fail_before_any_work(tiny_setup, extra, message, capsys):
 
 
 def test_auto_statistics_resolve_per_method():
-    from efx.run import RunSettings
+    from efx.cli.run import RunSettings
     assert RunSettings().callback_statistics == "training"
     assert RunSettings(method="foresight").callback_statistics == "training"
     assert RunSettings(obs_update=True).callback_statistics == "calibration"
@@ -87,7 +87,7 @@ def test_auto_statistics_resolve_per_method():
 
 
 def test_record_steps_default_to_the_calibration_size():
-    from efx.run import RunSettings
+    from efx.cli.run import RunSettings
     assert RunSettings().callback_record_steps == 4  # 32 sequences at batch 8
     assert RunSettings(calib=20, batch_size=8).callback_record_steps == 3
     assert RunSettings(record_steps=0).callback_record_steps is None  # every step
@@ -123,7 +123,7 @@ def test_export_refuses_occupied_output_before_loading(tmp_path, capsys):
 
 
 def test_run_output_refusals_keep_the_users_files(tmp_path):
-    from efx.run import prepare_output
+    from efx.cli.run import prepare_output
     occupied = tmp_path / "mine"
     occupied.mkdir()
     (occupied / "notes.txt").write_text("user file")

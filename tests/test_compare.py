@@ -4,7 +4,7 @@ import json
 
 import pytest
 
-from efx.cli import main
+from efx.cli.main import main
 
 
 def fake_run(folder, method, sparsity, retention, domain="medical", pattern="unstructured"):
@@ -50,7 +50,7 @@ def test_compare_refuses_bad_input(tmp_path, capsys, case, message):
 
 
 def test_compare_refuses_an_occupied_output_before_reading_runs(tmp_path):
-    from efx.compare import compare
+    from efx.evaluation.compare import compare
     taken = tmp_path / "taken"
     taken.mkdir()
     (taken / "keep.txt").write_text("user file")

@@ -5,10 +5,10 @@ import pytest
 import torch
 
 from conftest import char_tokenizer, tiny_model
-from efx.arch import architecture_map
-from efx.data import DataError, load_suite, split_of
-from efx.evaluate import choice_logprobs, macro_f1, retention, score_task
-from efx.models import ModelLoadError, load_model
+from efx.model.arch import architecture_map
+from efx.data.suites import DataError, load_suite, split_of
+from efx.evaluation.evaluate import choice_logprobs, macro_f1, retention, score_task
+from efx.model.loading import ModelLoadError, load_model
 from efx.training import TrainSettings, train_lora
 
 

@@ -1,4 +1,5 @@
-"""Pruning kernels against their torch references (Triton runs under TRITON_INTERPRET=1 on CPU).
+"""Pruning ops against their torch references, on both paths: the Triton kernels (under
+TRITON_INTERPRET=1 on a CPU) and the torch fast paths.
 
 Tolerances: fp32 inputs 1e-5 relative; fp16/bf16 inputs are upcast to fp32 inside the
 kernels, so the same fp32 tolerance applies to the upcast reference.
@@ -8,7 +9,9 @@ import os
 import pytest
 import torch
 
-from efx_kernels import reference
+from efx_kernels.act_stats import accumulate_act_sq_reference
+from efx_kernels.foresight_score import foresight_score_reference, nm_keep_mask
+from efx_kernels.pbs import pbs_delta_reference, row_solve_triton
 from efx_kernels.dispatch import triton_available
 
 pytestmark = pytest.mark.skipif(not triton_available(), reason="Triton is not installed")
@@ -18,11 +21,13 @@ DEVICE = os.environ.get("EFX_TEST_DEVICE", "cpu")
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
 
 
-@pytest.fixture(autouse=True)
-def force_triton(monkeypatch):
-    monkeypatch.setenv("EFX_KERNELS", "triton")
+@pytest.fixture(autouse=True, params=["triton", "torch"])
+def path(request, monkeypatch):
+    """Every op runs twice against its reference: the Triton kernel and the torch fast path."""
+    monkeypatch.setenv("EFX_KERNELS", request.param)
     if DEVICE == "cpu":
         monkeypatch.setenv("TRITON_INTERPRET", "1")
+    return request.param
 
 
 def rand(*shape, seed=0, dtype=torch.float32):
@@ -40,7 +45,7 @@ def test_act_sq(dtype, shape, masked):
         mask = (torch.rand(shape[:-1], generator=torch.Generator().manual_seed(1)) > 0.3).to(DEVICE)
     got, want = torch.full((shape[-1],), 0.5, device=DEVICE), torch.full((shape[-1],), 0.5, device=DEVICE)
     n_got = efx_kernels.accumulate_act_sq(x, got, mask)
-    n_want = reference.accumulate_act_sq(x, want, mask)
+    n_want = accumulate_act_sq_reference(x, want, mask)
     assert n_got == n_want
     torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
 
@@ -70,7 +75,7 @@ def test_foresight_score(dtype, m, n, r, eta):
     row = rand(m, seed=7).abs()
     prev = rand(m, n, seed=8).abs()
     got = efx_kernels.foresight_score(W, A, B, 2.0, stat, row_factor=row, prev=prev, eta=eta)
-    want = reference.foresight_score(W, A, B, 2.0, stat, row, None, prev, eta)
+    want = foresight_score_reference(W, A, B, 2.0, stat, row, None, prev, eta)
     torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
 
 
@@ -80,7 +85,7 @@ def test_foresight_score_column_factors(groups):
     W, A, B, stat = score_case(12, 20, 4, torch.float32)
     col = rand(groups, 20, seed=9).abs() if groups > 1 else rand(20, seed=9).abs()
     got = efx_kernels.foresight_score(W, A, B, 0.5, stat, col_factor=col, out_dtype=torch.bfloat16)
-    want = reference.foresight_score(W, A, B, 0.5, stat, None, col, None, 1.0, torch.bfloat16)
+    want = foresight_score_reference(W, A, B, 0.5, stat, None, col, None, 1.0, torch.bfloat16)
     assert got.dtype == torch.bfloat16
     torch.testing.assert_close(got, want)
 
@@ -97,17 +102,15 @@ def test_fused_nm_keep_mask(pattern, dtype, r):
     row = rand(13, seed=4).abs()
     got = efx_kernels.foresight_nm_keep_mask(W, A, B, 1.5, stat, *pattern, row_factor=row,
                                              prev=rand(13, 40, seed=5).abs(), eta=0.5)
-    score = reference.foresight_score(W, A, B, 1.5, stat, row, None, rand(13, 40, seed=5).abs(), 0.5)
-    want = reference.nm_keep_mask(score, *pattern)
+    score = foresight_score_reference(W, A, B, 1.5, stat, row, None, rand(13, 40, seed=5).abs(), 0.5)
+    want = nm_keep_mask(score, *pattern)
     assert torch.equal(got, want)
     assert (got.reshape(13, -1, pattern[1]).sum(-1) == pattern[0]).all()
 
 
-def test_the_fixture_really_selects_triton(monkeypatch):
+def test_the_fixture_really_selects_the_path(path):
     from efx_kernels.dispatch import use_triton
-    assert use_triton(torch.zeros(2, device=DEVICE))
-    monkeypatch.setenv("EFX_KERNELS", "torch")
-    assert not use_triton(torch.zeros(2, device=DEVICE))
+    assert use_triton(torch.zeros(2, device=DEVICE)) == (path == "triton")
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
@@ -123,17 +126,16 @@ def test_pbs_kernels(dtype, m, n, r, keep_weight):
     g = stat + 0.1
     if keep_weight == 1.0:
         got = efx_kernels.pbs_delta_keep1(W, A, B, 2.0, keep, g, 1e-6)
-        want = reference.pbs_delta_keep1(W, A, B, 2.0, keep, g, 1e-6)
+        want = pbs_delta_reference(W, A, B, 2.0, ~keep, g, 1.0, 1e-6)
     else:
         got = efx_kernels.pbs_delta_general(W, A, B, 2.0, ~keep, g, keep_weight, 1e-6)
-        want = reference.pbs_delta_general(W, A, B, 2.0, ~keep, g, keep_weight, 1e-6)
+        want = pbs_delta_reference(W, A, B, 2.0, ~keep, g, keep_weight, 1e-6)
     torch.testing.assert_close(got, want, rtol=1e-3, atol=1e-4)
 
 
 def test_fused_pbs_row_solve_refuses_keep_weight_zero():
     # keep_weight 0 can leave a Gram singular up to the ridge: only the fp64 reference solves it
-    from efx_kernels.pbs import pbs_delta_general_triton
     W, A, B, stat = score_case(6, 40, 8, torch.float32)
     prune = torch.rand(6, 40, generator=torch.Generator().manual_seed(4)) > 0.5
     with pytest.raises(ValueError, match="keep_weight"):
-        pbs_delta_general_triton(W, A, B, 2.0, prune.to(DEVICE), stat + 0.1, 0.0, 1e-6)
+        row_solve_triton(W, A, B, 2.0, prune.to(DEVICE), stat + 0.1, 0.0, 1e-6)

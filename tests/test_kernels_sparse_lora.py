@@ -8,7 +8,7 @@ import torch
 
 from efx_kernels import pack, sparse_lora_linear
 from efx_kernels.dispatch import triton_available
-from efx_kernels.reference import sparse_lora_linear as reference
+from efx_kernels.sparse_lora import sparse_lora_linear_reference as reference
 
 pytestmark = pytest.mark.skipif(not triton_available(), reason="Triton is not installed")
 # benchmarks/gpu_check.sh sets EFX_TEST_DEVICE=cuda to run the same tests compiled for a GPU
@@ -93,7 +93,7 @@ def test_leading_dims_and_shape_errors():
 
 
 def test_autotune_configs_fit_the_format_and_bucket():
-    from efx_kernels.sparse_matmul import FORMAT_IDS, _tile_configs, m_bucket, prune_tile_configs
+    from efx_kernels.sparse_lora import FORMAT_IDS, _tile_configs, m_bucket, prune_tile_configs
     assert [m_bucket(t) for t in (1, 16, 17, 64, 300, 5000)] == [16, 16, 32, 64, 512, 1024]
     configs = _tile_configs()
     decode_bitmap = prune_tile_configs(configs, {"m_bucket": 16}, FORMAT=FORMAT_IDS["bitmap"])

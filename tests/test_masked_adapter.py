@@ -4,11 +4,12 @@ import pytest
 import torch
 
 from conftest import char_tokenizer, tiny_model
-from efx import masked_adapter
-from efx.arch import architecture_map, base_linear, lora_parts
-from efx.callback import EfficientXpertCallback
-from efx.pipelines import calibration_batches, unload
-from efx.prune import PruneConfig, pack_mask, unpack_mask
+from efx.method import masked_adapter
+from efx.model.arch import architecture_map, base_linear, lora_parts
+from efx.method.schedule import EfficientXpertCallback
+from efx.recipes import calibration_batches, unload
+from efx.method.prune import PruneConfig
+from efx.method.score_memory import pack_mask, unpack_mask
 from efx.training import LoraSettings, TrainSettings, add_lora, train_lora
 
 EXAMPLES = [{"prompt": f"say {w}", "completion": w} for w in ("alpha", "beta", "gamma", "delta")] * 4

@@ -2,7 +2,7 @@
 import pytest
 import torch
 
-from efx.pbs import all_finite, hessian_pbs, partial_brain_surgeon
+from efx.method.pbs import all_finite, hessian_pbs, partial_brain_surgeon
 
 
 def per_row_reference(W, A, B, keep, g, scale, keep_weight, ridge, max_pruned=None, dtype=torch.float64):
@@ -55,11 +55,11 @@ def test_matches_per_row_solve(keep_weight, max_pruned, r):
 def test_row_blocks_and_held_buffers_give_the_same_answer(monkeypatch, keep_weight):
     """The CPU path walks rows in blocks through buffers it keeps between calls: a layer split into
     uneven blocks must solve exactly as before, and a second call must not touch the first's result."""
-    import efx_kernels.scratch as scratch
+    import efx_kernels.pbs as pbs_kernels
     W, A, B, keep, g = problem(m=23, n=40)
     whole = partial_brain_surgeon(W, A, B, keep, g, scale=2.0, keep_weight=keep_weight, ridge=1e-6)
-    monkeypatch.setattr(scratch, "BLOCK_ELEMENTS", 5 * 40)       # blocks of 5 rows, the last of 3
-    scratch.release()
+    monkeypatch.setattr(pbs_kernels, "BLOCK_ELEMENTS", 5 * 40)       # blocks of 5 rows, the last of 3
+    pbs_kernels.release_buffers()
     blocked = partial_brain_surgeon(W, A, B, keep, g, scale=2.0, keep_weight=keep_weight, ridge=1e-6)
     torch.testing.assert_close(blocked, whole, rtol=1e-6, atol=1e-7)
     kept = blocked.clone()

@@ -4,10 +4,10 @@ import copy
 import pytest
 import torch
 
-from efx.arch import architecture_map
-from efx.evaluate import evaluate, perplexity
-from efx.prune import PruneConfig, prune
-from efx.sparse_linear import SparseLoRALinear, to_sparse_lora
+from efx.model.arch import architecture_map
+from efx.evaluation.evaluate import evaluate, perplexity
+from efx.method.prune import PruneConfig, prune
+from efx.model.sparse_linear import SparseLoRALinear, to_sparse_lora
 
 pytestmark = pytest.mark.real_model
 TEXTS = ["Abnormal morphology of the hyoid bone, a small U-shaped bone in the neck.",
@@ -61,7 +61,7 @@ def test_training_through_sparse_lora_linear_on_the_embedded_model(pruned):
 
 
 def test_evaluate_smoke(embedded):
-    from efx.data import load_suite
+    from efx.data.suites import load_suite
     model, tok = embedded
     result = evaluate(model, tok, load_suite("legal"), max_items=8, ppl=False)
     assert set(result["tasks"]) == {"license_category", "notice_license"}

@@ -4,10 +4,10 @@ import pytest
 import torch
 
 from conftest import tiny_model
-from efx.arch import architecture_map, base_linear
-from efx.checkpoint import load_sparse, save_sparse
-from efx.prune import PruneConfig, prune
-from efx.sparse_linear import SparseLoRALinear, merge_all, to_dense, to_sparse_lora
+from efx.model.arch import architecture_map, base_linear
+from efx.model.checkpoint import load_sparse, save_sparse
+from efx.method.prune import PruneConfig, prune
+from efx.model.sparse_linear import SparseLoRALinear, merge_all, to_dense, to_sparse_lora
 from efx.training import LoraSettings, add_lora
 
 

@@ -5,12 +5,13 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from fractions import Fraction
 
 import torch
 
 import efx_kernels
-from efx.arch import ArchMap, BlockMap, effective_weight, lora_parts, base_linear
-from efx.calibration import ModuleStats
+from efx.model.arch import ArchMap, BlockMap, base_linear, lora_parts, module_weight
+from efx.method.statistics import ModuleStats
 
 PRESETS = ("efx", "paper")
 GRANULARITIES = ("row", "matrix")
@@ -38,7 +39,7 @@ def propagation_factors(arch: ArchMap, block: BlockMap, role: str, preset: str =
     if not arch.supported or role == "down":
         return Factors()
     scaled = preset == "efx"
-    U = lambda r: effective_weight(block.targets[r], scaled=scaled)  # noqa: E731
+    U = lambda r: module_weight(block.targets[r], scaled=scaled)  # noqa: E731
     h_q, h_kv, d, group = arch.num_heads, arch.num_kv_heads, arch.head_dim, arch.group_size
     if preset == "efx":
         if role == "q":  # row (h, e) meets key row (g(h), e)
@@ -116,6 +117,12 @@ def parse_pattern(pattern: str) -> tuple[int, int] | None:
     return n, m
 
 
+def pruned_count(n: int, sparsity: float) -> int:
+    """floor(n * sparsity), computed on the decimal the user wrote: floor(100 * 0.29) is 29, not the
+    28 that binary floating point gives."""
+    return math.floor(Fraction(repr(float(sparsity))) * n)
+
+
 def _kth_smallest(score: torch.Tensor, k: int) -> torch.Tensor:
     """The k-th smallest value (1-based) of every row, (rows, 1). Over many rows an unsorted top-k
     of the shorter side and its extreme selects about 15% faster on a CPU than `kthvalue`, which
@@ -130,22 +137,18 @@ def _kth_smallest(score: torch.Tensor, k: int) -> torch.Tensor:
 
 def _keep_all_but_lowest(score: torch.Tensor, k: int) -> torch.Tensor:
     """Keep-mask pruning the k lowest scores of every row; among scores equal to a row's k-th
-    lowest, the lower column index is pruned first (what a stable sort would pick). A selection
-    rather than a sort: the tie pass runs only for rows that need it. Scores with no sign bit set
-    (every ForeSight, Wanda and magnitude score) are ranked by their int32 bit patterns, which
-    order them as their values do and select faster on a CPU."""
+    lowest, the higher column index is pruned first (the lower one is kept). A threshold rather
+    than a sort: the tie pass runs only for rows that need it."""
     if k <= 0:
         return torch.ones_like(score, dtype=torch.bool)
-    bits = score.view(torch.int32)
-    if int(bits.min()) >= 0:
-        score = bits
     threshold = _kth_smallest(score, k)
     pruned = score <= threshold
-    if not bool((pruned.count_nonzero(1) == k).all()):  # ties at the threshold: prune the first ones only
+    if not bool((pruned.count_nonzero(1) == k).all()):  # ties at the threshold: prune the last ones only
         below = score < threshold
         at = score == threshold
         need = k - below.sum(1, keepdim=True)
-        pruned = below | (at & (at.cumsum(1) <= need))
+        from_the_right = at.flip(1).cumsum(1).flip(1)
+        pruned = below | (at & (from_the_right <= need))
     return ~pruned
 
 
@@ -154,8 +157,8 @@ def select_keep_mask(score: torch.Tensor, sparsity: float, pattern: str = "unstr
     """Boolean keep-mask (True = kept) pruning the lowest scores, with exact counts.
 
     unstructured/row: floor(n*p) per row; unstructured/matrix: floor(m*n*p) in the matrix;
-    N:M: M-N per group of M consecutive columns in every row. Ties prune the lower flat index
-    first (stable sort), so masks are deterministic.
+    N:M: M-N per group of M consecutive columns in every row. One tie rule everywhere: among
+    equal scores the lower (flat) index is kept, so masks are deterministic.
     """
     nm = parse_pattern(pattern)
     rows, cols = score.shape
@@ -165,7 +168,7 @@ def select_keep_mask(score: torch.Tensor, sparsity: float, pattern: str = "unstr
         return efx_kernels.nm_keep_mask(score, *nm)
     score = score.float()
     if granularity == "row":
-        return _keep_all_but_lowest(score, math.floor(cols * sparsity))
+        return _keep_all_but_lowest(score, pruned_count(cols, sparsity))
     if granularity == "matrix":
-        return _keep_all_but_lowest(score.reshape(1, -1), math.floor(rows * cols * sparsity)).reshape(rows, cols)
+        return _keep_all_but_lowest(score.reshape(1, -1), pruned_count(rows * cols, sparsity)).reshape(rows, cols)
     raise ValueError(f"granularity {granularity!r}: expected one of {GRANULARITIES}")

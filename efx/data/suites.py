@@ -15,7 +15,7 @@ from collections import defaultdict
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from efx import sources
+from efx.data import sources
 from efx.io import atomic_write_text
 
 log = logging.getLogger(__name__)

@@ -15,8 +15,9 @@ from __future__ import annotations
 
 import torch
 
-from efx.arch import ArchMap, base_linear, lora_parts
-from efx.prune import unpack_mask
+from efx.model.arch import ArchMap, base_linear, lora_parts
+from efx_kernels import effective_weight
+from efx.method.score_memory import unpack_mask
 
 
 class _MaskedDelta(torch.autograd.Function):
@@ -96,8 +97,9 @@ def fold(arch: ArchMap) -> None:
                 continue
             A, B, scale = lora_parts(module)
             weight = base_linear(module).weight
-            delta = (B.float() @ A.float()).mul_(scale).mul_(mask)
-            weight.copy_((weight.float() + delta).to(weight.dtype))
+            # W + M * (s B A): the LoRA-augmented weight where the mask keeps, W elsewhere
+            folded = torch.where(mask.bool(), effective_weight(weight, A, B, scale), weight.float())
+            weight.copy_(folded.to(weight.dtype))
             B.zero_()
             del module.forward
             del module._efx_mask

@@ -69,7 +69,7 @@ def partial_brain_surgeon(W: torch.Tensor, A: torch.Tensor, B: torch.Tensor, kee
         keep_mask: (m, n) bool, True = kept.
         act_sq: (n,) second moments g_j = E[x_j^2] of the module input.
         scale: LoRA scale s.
-        keep_weight: weight of the kept coordinates' drift in the objective (1 = authors').
+        keep_weight: weight of the kept coordinates' drift in the objective, in [0, 1] (1 = authors').
         ridge: Tikhonov term; makes rank-deficient systems solvable.
         max_pruned_per_row: restrict S_i to its c largest |U_ij| (K_i is then the complement of S_i).
     Returns:
@@ -78,7 +78,7 @@ def partial_brain_surgeon(W: torch.Tensor, A: torch.Tensor, B: torch.Tensor, kee
     """
     _check(W, A, B, keep_mask, act_sq)
     limited = max_pruned_per_row is not None and max_pruned_per_row < W.shape[1]
-    prune = pruned_set(W.float() + scale * (B.float() @ A.float()), keep_mask, max_pruned_per_row) \
+    prune = pruned_set(efx_kernels.effective_weight(W, A, B, scale), keep_mask, max_pruned_per_row) \
         if limited else None
     if keep_weight == 1.0:
         delta = efx_kernels.pbs_delta_keep1(W, A, B, scale, keep_mask if prune is None else ~prune, act_sq, ridge)
@@ -100,7 +100,7 @@ def hessian_pbs(W: torch.Tensor, A: torch.Tensor, B: torch.Tensor, keep_mask: to
     if hessian.shape != (n, n):
         raise ValueError(f"hessian must be ({n}, {n}), got {tuple(hessian.shape)}")
     _check(W, A, B, keep_mask, hessian.diagonal().contiguous())
-    U = W.float() + scale * (B.float() @ A.float())
+    U = efx_kernels.effective_weight(W, A, B, scale)
     delta = efx_kernels.hessian_pbs_delta(U, keep_mask, A, hessian, scale, ridge)
     delta[_all_rows(keep_mask)] = 0.0
     return (B.float() + delta).to(B.dtype)

@@ -7,21 +7,19 @@ fails during the pass every touched tensor is restored.
 from __future__ import annotations
 
 import logging
-import math
 import time
 from dataclasses import asdict, dataclass, field
 
-import numpy as np
 import torch
 
-from efx import baselines
-from efx.arch import ROLES, ArchMap, architecture_map, base_linear, lora_parts
-from efx.calibration import as_batches, calibrate
 import efx_kernels
-from efx.foresight import (GRANULARITIES, PRESETS, activation_statistic, foresight_score, parse_pattern,
-                           score_inputs, select_keep_mask)
-from efx.pbs import all_finite, hessian_pbs, partial_brain_surgeon
-from efx.call_store import CallStore
+from efx.method import baselines
+from efx.method.foresight import (GRANULARITIES, PRESETS, activation_statistic, foresight_score, parse_pattern,
+                                  score_inputs, select_keep_mask)
+from efx.method.pbs import all_finite, hessian_pbs, partial_brain_surgeon
+from efx.method.score_memory import CarriedTensors, PruneMemory, mask_overlap, pack_mask
+from efx.method.statistics import ModuleStats, as_batches, calibrate
+from efx.model.arch import ROLES, ArchMap, BlockMap, architecture_map, base_linear, lora_parts, reset_lora
 
 log = logging.getLogger(__name__)
 
@@ -97,8 +95,21 @@ class PruneConfig:
             raise ValueError(f"preset {self.preset!r}: expected one of {PRESETS}")
         if not 0.0 < self.mask_lr <= 1.0:
             raise ValueError(f"mask_lr {self.mask_lr} is outside (0, 1]")
-        if self.pbs_keep_weight < 0 or self.pbs_ridge < 0:
-            raise ValueError("pbs_keep_weight and pbs_ridge must be >= 0")
+        if not 0.0 <= self.pbs_keep_weight <= 1.0:
+            raise ValueError(f"pbs_keep_weight {self.pbs_keep_weight} is outside [0, 1] (above 1 the per-row "
+                             "Grams can be indefinite)")
+        if self.pbs_ridge < 0:
+            raise ValueError(f"pbs_ridge {self.pbs_ridge} must be >= 0")
+        if self.pbs_max_pruned_per_row is not None and (isinstance(self.pbs_max_pruned_per_row, bool) or not
+                                                        isinstance(self.pbs_max_pruned_per_row, int) or
+                                                        self.pbs_max_pruned_per_row <= 0):
+            raise ValueError(f"pbs_max_pruned_per_row {self.pbs_max_pruned_per_row!r}: expected a positive integer "
+                             "or None")
+        if self.preset == "paper" and (self.granularity != "row" or self.pattern != "unstructured"):
+            raise ValueError("preset 'paper' reproduces the authors' code, which selects per row and unstructured "
+                             f"only; got granularity {self.granularity!r}, pattern {self.pattern!r}")
+        if self.calib_batch_size <= 0:
+            raise ValueError(f"calib_batch_size {self.calib_batch_size} must be positive")
         if self.obs_update and self.method not in FORESIGHT_METHODS:
             raise ValueError(f"obs_update applies to efficientxpert and foresight, not method {self.method!r}")
 
@@ -106,17 +117,6 @@ class PruneConfig:
     def effective_sparsity(self) -> float:
         nm = parse_pattern(self.pattern)
         return self.sparsity if nm is None else 1.0 - nm[0] / nm[1]
-
-
-@dataclass
-class PruneMemory:
-    """What a schedule carries from one call to the next, by target name: blended scores (bf16,
-    two bytes per weight) and the previous keep-masks (uint8, bit-packed by `pack_mask`: one bit
-    per weight), both in temporary files by default (see `efx.call_store`)."""
-
-    scores: CallStore = field(default_factory=CallStore)
-    masks: CallStore = field(default_factory=CallStore)
-    calls: int = 0
 
 
 @dataclass
@@ -155,7 +155,23 @@ def _selected_roles(arch: ArchMap, targets) -> list[str]:
     return [r for r in order if r in roles]
 
 
-def _preflight(arch: ArchMap, roles: list[str], config: PruneConfig) -> None:
+def _check_adapter_kind(model) -> None:
+    """Refuse the peft adapters whose merge or re-initialization a pruning call cannot do as peft
+    would: DoRA (its magnitude vector rescales the merged weight) and initializations other than
+    peft's default (a call re-initializes A Kaiming-uniform, B = 0)."""
+    for name, adapter in (getattr(model, "peft_config", None) or {}).items():
+        if getattr(adapter, "use_dora", False):
+            raise ValueError(f"adapter {name!r} uses DoRA, whose magnitude vector a pruning call would ignore; "
+                             "efx prunes plain LoRA adapters")
+        init = getattr(adapter, "init_lora_weights", True)
+        if init is not True:
+            raise ValueError(f"adapter {name!r} has init_lora_weights={init!r}; a pruning call re-initializes the "
+                             "adapter as peft's default does (True: A Kaiming-uniform, B = 0), so only that is "
+                             "supported")
+
+
+def _preflight(model, arch: ArchMap, roles: list[str], config: PruneConfig) -> None:
+    _check_adapter_kind(model)
     nm = parse_pattern(config.pattern)
     for block in arch.blocks:
         for role in roles:
@@ -173,42 +189,6 @@ def _preflight(arch: ArchMap, roles: list[str], config: PruneConfig) -> None:
             for name, t in tensors:
                 if not all_finite(t):
                     raise ValueError(f"{block.qualified(role)}.{name} holds NaN or Inf")
-
-
-def reset_adapter(module, generator: torch.Generator) -> None:
-    """Re-initialize the active adapter the way peft does (A Kaiming-uniform, B = 0), from an
-    explicit generator so that every rank draws the same A."""
-    parts = lora_parts(module)
-    if parts is None:
-        return
-    A, B, _ = parts
-    with torch.no_grad():
-        fresh = torch.empty(A.shape, dtype=torch.float32)
-        torch.nn.init.kaiming_uniform_(fresh, a=math.sqrt(5), generator=generator)
-        A.copy_(fresh.to(A.dtype))
-        B.zero_()
-
-
-def pack_mask(keep: torch.Tensor) -> torch.Tensor:
-    """A bool keep-mask as `PruneMemory` keeps it: a uint8 CPU tensor, one bit per weight, row-major."""
-    return torch.from_numpy(np.packbits(keep.reshape(-1).cpu().numpy()))
-
-
-def unpack_mask(packed: torch.Tensor, shape: tuple[int, ...] | torch.Size) -> torch.Tensor:
-    """The bool keep-mask (CPU) of `shape` that `pack_mask` packed."""
-    return torch.from_numpy(np.unpackbits(packed.numpy(), count=math.prod(shape)).astype(bool)).reshape(shape)
-
-
-def _overlap(previous: torch.Tensor | None, packed: torch.Tensor, numel: int) -> float | None:
-    """Jaccard overlap of the pruned sets of two calls, counted on their packed masks: a pruned
-    weight is a 0 bit, and the bits `pack_mask` pads the last byte with (0 in both) are taken off."""
-    if previous is None:
-        return None
-    pad = 8 * packed.numel() - numel
-    previous, packed = previous.numpy(), packed.numpy()
-    both = int(np.bitwise_count(~(previous | packed)).sum(dtype=np.int64)) - pad
-    either = int(np.bitwise_count(~(previous & packed)).sum(dtype=np.int64)) - pad
-    return both / either if either else 1.0
 
 
 CARRIED = ("scores", "masks")
@@ -244,7 +224,7 @@ def prune(model, calib, config: PruneConfig | None = None, *, memory: PruneMemor
         raise ValueError(f"carry {sorted(unknown)}: expected a subset of {CARRIED}")
     arch = architecture_map(model)
     roles = _selected_roles(arch, config.targets)
-    _preflight(arch, roles, config)
+    _preflight(model, arch, roles, config)
     if recorded is None:
         if calib is None:
             raise ValueError("no calibration data (calib is None) and no recorded statistics")
@@ -255,20 +235,17 @@ def prune(model, calib, config: PruneConfig | None = None, *, memory: PruneMemor
     elif recorded.tokens == 0:
         raise ValueError("the activation recorder holds no statistics: no training forward ran since its last reset")
     if memory is None:  # a call on its own: nothing reads what it would carry, so nothing is kept or written
-        memory, carry = PruneMemory(scores=CallStore(offload=False), masks=CallStore(offload=False)), ()
-    keep_scores, keep_masks = config.use_memory and "scores" in carry, "masks" in carry
-    report = PruneReport(config=asdict(config), call=memory.calls + 1)
-    undo: list[tuple[torch.Tensor, torch.Tensor]] = []
-    generator = torch.Generator().manual_seed(config.seed * 1_000_003 + memory.calls)
+        memory, carry = PruneMemory(scores=CarriedTensors(offload=False), masks=CarriedTensors(offload=False)), ()
+    call = _Call(arch, config, memory, PruneReport(config=asdict(config), call=memory.calls + 1),
+                 torch.Generator().manual_seed(config.seed * 1_000_003 + memory.calls),
+                 keep_scores=config.use_memory and "scores" in carry, keep_masks="masks" in carry)
+    report = call.report
 
     def on_block(block, stats):
         for role in roles:
             start = time.perf_counter()
-            name = block.qualified(role)
-            module = block.targets[role]
-            _prune_module(arch, block, role, module, stats[role], config, memory, name, undo, report,
-                          generator, keep_scores, keep_masks)
-            report.modules[name]["seconds"] = time.perf_counter() - start
+            _prune_module(call, block, role, stats[role])
+            report.modules[block.qualified(role)]["seconds"] = time.perf_counter() - start
 
     started = time.perf_counter()
     try:
@@ -279,15 +256,15 @@ def prune(model, calib, config: PruneConfig | None = None, *, memory: PruneMemor
             for block in arch.blocks:
                 on_block(block, recorded.block_stats(block))
     except BaseException:
-        for target, saved in reversed(undo):
+        for target, saved in reversed(call.undo):
             target.copy_(saved.to(target.device))
         memory.scores.discard()
         memory.masks.discard()
         log.error("pruning failed; every modified weight was restored")
         raise
     finally:
-        efx_kernels.release_scratch()  # the CPU kernels' held buffers are for the calls of one pass
-    for store, kept in ((memory.scores, keep_scores), (memory.masks, keep_masks)):
+        efx_kernels.release_buffers()  # the CPU PBS buffers are for the calls of one pass
+    for store, kept in ((memory.scores, call.keep_scores), (memory.masks, call.keep_masks)):
         if kept:
             store.commit()
         else:
@@ -298,70 +275,81 @@ def prune(model, calib, config: PruneConfig | None = None, *, memory: PruneMemor
     return report
 
 
-def _prune_module(arch, block, role, module, stats, config, memory, name, undo, report,
-                  generator, keep_scores, keep_masks) -> None:
+@dataclass
+class _Call:
+    """What every target of one call shares."""
+
+    arch: ArchMap
+    config: PruneConfig
+    memory: PruneMemory
+    report: PruneReport
+    generator: torch.Generator
+    keep_scores: bool
+    keep_masks: bool
+    undo: list[tuple[torch.Tensor, torch.Tensor]] = field(default_factory=list)
+
+
+def _prune_module(call: _Call, block: BlockMap, role: str, stats: ModuleStats) -> None:
+    """Score, update, merge, mask and re-initialize one target; its tensors go to `call.undo` first."""
+    config, memory, name, module = call.config, call.memory, block.qualified(role), block.targets[role]
     weight = base_linear(module).weight
     parts = lora_parts(module)
-    for tensor in (weight,) + ((parts[0], parts[1]) if parts else ()):
-        undo.append((tensor, tensor.detach().to("cpu", copy=True)))
-    scale = parts[2] if parts else 0.0
-
-    def combined(b=None) -> torch.Tensor:
-        """W + s*B@A in fp32, a fresh tensor (B replaced by `b` when given)."""
-        if parts is None:
-            return weight.to(torch.float32, copy=True)
-        return weight.float() + scale * ((parts[1] if b is None else b).float() @ parts[0].float())
-
-    U = None  # formed only where a method reads it
+    A, B, scale = parts if parts is not None else (None, None, 0.0)
+    for tensor in (weight,) + ((A, B) if parts else ()):
+        call.undo.append((tensor, tensor.detach().to("cpu", copy=True)))
     nm = parse_pattern(config.pattern)
     sparsity = config.effective_sparsity
-    merged = None
+    merged = None  # the new W, when a solver forms it itself
     if config.method in FORESIGHT_METHODS and nm is not None and not config.use_memory:
         # no score to remember: the fused kernel goes straight from weights to the N:M mask
-        keep = efx_kernels.foresight_nm_keep_mask(**score_inputs(arch, block, role, stats, config.preset), n=nm[0],
-                                                  m=nm[1])
+        keep = efx_kernels.foresight_nm_keep_mask(**score_inputs(call.arch, block, role, stats, config.preset),
+                                                  n=nm[0], m=nm[1])
     elif config.method in FORESIGHT_METHODS:
         prev = memory.scores.get(name) if config.use_memory else None
-        score = foresight_score(arch, block, role, stats, config.preset, prev=prev, eta=config.mask_lr)
-        if keep_scores:
+        score = foresight_score(call.arch, block, role, stats, config.preset, prev=prev, eta=config.mask_lr)
+        if call.keep_scores:
             memory.scores.stage(name, score.to(torch.bfloat16))
         keep = select_keep_mask(score, sparsity, config.pattern, config.granularity)
     elif config.method == "sparsegpt":
-        merged, keep = baselines.sparsegpt(combined(), stats.hessian, sparsity, config.pattern,
-                                           config.sparsegpt_block, config.sparsegpt_damp)
+        merged, keep = baselines.sparsegpt(efx_kernels.effective_weight(weight, A, B, scale), stats.hessian,
+                                           sparsity, config.pattern, config.sparsegpt_block, config.sparsegpt_damp)
     else:
-        U = combined()
+        U = efx_kernels.effective_weight(weight, A, B, scale)
         score = baselines.magnitude_score(U) if config.method == "magnitude" else \
             baselines.wanda_score(U, stats.act_sq, stats.tokens)
         keep = select_keep_mask(score, sparsity, config.pattern, config.granularity)
 
     if merged is None and config.obs_update:  # validate() allows it for the ForeSight methods only
-        merged, keep = baselines.sparsegpt(combined(), stats.hessian.to(weight.device), sparsity, config.pattern,
+        merged, keep = baselines.sparsegpt(efx_kernels.effective_weight(weight, A, B, scale),
+                                           stats.hessian.to(weight.device), sparsity, config.pattern,
                                            config.sparsegpt_block, config.sparsegpt_damp, keep_mask=keep)
     if merged is None:
         if parts is not None and config.run_pbs:
-            A, B, _ = parts
-            if config.pbs_hessian:
-                new_b = hessian_pbs(weight, A, B, keep, stats.hessian.to(weight.device), scale=scale,
-                                    ridge=config.pbs_ridge)
-            elif config.preset == "paper":  # authors' quirks: U without s, and sqrt of the statistic
-                new_b = partial_brain_surgeon(weight, A, B, keep, activation_statistic(stats, "paper"), scale=1.0,
-                                              keep_weight=config.pbs_keep_weight, ridge=config.pbs_ridge,
-                                              max_pruned_per_row=config.pbs_max_pruned_per_row)
-            else:
-                new_b = partial_brain_surgeon(weight, A, B, keep, stats.act_sq, scale=scale,
-                                              keep_weight=config.pbs_keep_weight, ridge=config.pbs_ridge,
-                                              max_pruned_per_row=config.pbs_max_pruned_per_row)
-            U = combined(new_b)
-        merged = (U if U is not None else combined()).mul_(keep.view(torch.uint8))
+            B = _pbs_update(weight, A, B, scale, keep, stats, config)
+        # x * 0 is -0.0 for negative x: adding +0.0 makes every pruned weight exactly +0.0
+        merged = efx_kernels.effective_weight(weight, A, B, scale).mul_(keep.view(torch.uint8)).add_(0.0)
     weight.copy_(merged.to(weight.dtype))
-    reset_adapter(module, generator)
+    if parts is not None:
+        reset_lora(parts[0], parts[1], call.generator)
     kept = int(keep.count_nonzero())
     packed = pack_mask(keep)
-    if keep_masks:
+    if call.keep_masks:
         memory.masks.stage(name, packed)
-    report.modules[name] = {"role": role, "block": block.index, "shape": list(weight.shape), "kept": kept,
-                            "total": keep.numel(), "sparsity": 1.0 - kept / keep.numel(),
-                            # a bool count: counting a float tensor's nonzeros directly is ~3x slower on CPUs
-                            "zeros": weight.numel() - int((weight != 0).count_nonzero()),
-                            "overlap_prev": _overlap(memory.masks.get(name), packed, keep.numel())}
+    call.report.modules[name] = {
+        "role": role, "block": block.index, "shape": list(weight.shape), "kept": kept, "total": keep.numel(),
+        "sparsity": 1.0 - kept / keep.numel(),
+        # a bool count: counting a float tensor's nonzeros directly is ~3x slower on CPUs
+        "zeros": weight.numel() - int((weight != 0).count_nonzero()),
+        "overlap_prev": mask_overlap(memory.masks.get(name), packed, keep.numel())}
+
+
+def _pbs_update(weight, A, B, scale: float, keep: torch.Tensor, stats: ModuleStats, config: PruneConfig):
+    """The new B of Partial Brain Surgeon under `keep` (diagonal, Hessian, or the authors' form)."""
+    if config.pbs_hessian:
+        return hessian_pbs(weight, A, B, keep, stats.hessian.to(weight.device), scale=scale, ridge=config.pbs_ridge)
+    if config.preset == "paper":  # the authors' quirks: U without s, and the sqrt of the statistic
+        act, scale = activation_statistic(stats, "paper"), 1.0
+    else:
+        act = stats.act_sq
+    return partial_brain_surgeon(weight, A, B, keep, act, scale=scale, keep_weight=config.pbs_keep_weight,
+                                 ridge=config.pbs_ridge, max_pruned_per_row=config.pbs_max_pruned_per_row)

@@ -2,11 +2,9 @@
 unstructured and N:M. The two pipelines that wrap them with LoRA live in efx.pipelines."""
 from __future__ import annotations
 
-import math
-
 import torch
 
-from efx.foresight import parse_pattern
+from efx.method.foresight import parse_pattern, select_keep_mask
 
 
 def magnitude_score(U: torch.Tensor) -> torch.Tensor:
@@ -56,15 +54,11 @@ def sparsegpt(W: torch.Tensor, hessian: torch.Tensor, sparsity: float, pattern: 
         if keep_mask is not None:
             block_keep = keep_mask[:, start:end].clone()
         elif nm is None:
-            saliency = block.pow(2) / d.pow(2)[None, :]
-            k = math.floor(saliency.numel() * sparsity)
-            order = torch.sort(saliency.reshape(-1), stable=True).indices[:k]
-            block_keep.view(-1)[order] = False
+            block_keep = select_keep_mask(block.pow(2) / d.pow(2)[None, :], sparsity, granularity="matrix")
         for i in range(end - start):
             if keep_mask is None and nm is not None and i % nm[1] == 0:
                 group = block[:, i:i + nm[1]].pow(2) / d[i:i + nm[1]].pow(2)[None, :]
-                drop = torch.sort(group, dim=1, stable=True).indices[:, :nm[1] - nm[0]]
-                block_keep[:, i:i + nm[1]].scatter_(1, drop, False)
+                block_keep[:, i:i + nm[1]] = select_keep_mask(group, 0.0, pattern)
             column = block[:, i]
             kept = torch.where(block_keep[:, i], column, torch.zeros_like(column))
             err = (column - kept) / d[i]

@@ -15,7 +15,7 @@ import torch
 from tqdm.auto import tqdm
 
 import efx_kernels
-from efx.arch import ArchMap, BlockMap, base_linear
+from efx.model.arch import ArchMap, BlockMap, base_linear
 
 log = logging.getLogger(__name__)
 

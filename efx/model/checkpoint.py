@@ -9,9 +9,9 @@ from pathlib import Path
 
 import torch
 
-from efx.arch import unwrap
+from efx.model.arch import unwrap
 from efx.io import atomic_folder
-from efx.sparse_linear import BUFFER_PREFIX, SparseLoRALinear, _parent
+from efx.model.sparse_linear import BUFFER_PREFIX, SparseLoRALinear, _parent
 from efx_kernels.formats import FORMAT_VERSION, PackedWeight
 
 WEIGHTS = "model.safetensors"

@@ -1,6 +1,6 @@
-"""Where what a pruning schedule carries from one call to the next waits between calls: the
-blended ForeSight scores of the score memory (method.md section 3; one bf16 value per weight)
-and the previous call's bit-packed keep-masks (one bit per weight). Either in RAM or, by
+"""What a pruning schedule carries from one call to the next (`PruneMemory`), and where it waits
+between calls: the blended ForeSight scores of the score memory (method.md section 3; one bf16
+value per weight) and the previous call's bit-packed keep-masks (one bit per weight). Either in RAM or, by
 default, in files of a private temporary folder, so that they cost no memory while training
 runs between calls. A call reads one target's previous entry at a time and stages its new one;
 the staged entries replace the old ones only when the whole call succeeds.
@@ -10,8 +10,10 @@ about 0.2 GB of scores and 13 MB of masks each way); in RAM they would be held f
 """
 from __future__ import annotations
 
+import math
 import shutil
 import tempfile
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import NamedTuple
 
@@ -25,7 +27,7 @@ class _File(NamedTuple):
     dtype: torch.dtype
 
 
-class CallStore:
+class CarriedTensors:
     """Mapping of target name -> CPU tensor (of the dtype it was staged in), in RAM or in files."""
 
     def __init__(self, offload: bool = True, folder: str | Path | None = None):
@@ -99,3 +101,36 @@ class CallStore:
     def __del__(self):
         if getattr(self, "_root", None) is not None:
             shutil.rmtree(self._root, ignore_errors=True)
+
+
+@dataclass
+class PruneMemory:
+    """What a schedule carries from one call to the next, by target name: blended scores (bf16,
+    two bytes per weight) and the previous keep-masks (uint8, bit-packed by `pack_mask`: one bit
+    per weight), both in temporary files by default."""
+
+    scores: CarriedTensors = field(default_factory=CarriedTensors)
+    masks: CarriedTensors = field(default_factory=CarriedTensors)
+    calls: int = 0
+
+
+def pack_mask(keep: torch.Tensor) -> torch.Tensor:
+    """A bool keep-mask as `PruneMemory` keeps it: a uint8 CPU tensor, one bit per weight, row-major."""
+    return torch.from_numpy(np.packbits(keep.reshape(-1).cpu().numpy()))
+
+
+def unpack_mask(packed: torch.Tensor, shape: tuple[int, ...] | torch.Size) -> torch.Tensor:
+    """The bool keep-mask (CPU) of `shape` that `pack_mask` packed."""
+    return torch.from_numpy(np.unpackbits(packed.numpy(), count=math.prod(shape)).astype(bool)).reshape(shape)
+
+
+def mask_overlap(previous: torch.Tensor | None, packed: torch.Tensor, numel: int) -> float | None:
+    """Jaccard overlap of the pruned sets of two calls, counted on their packed masks: a pruned
+    weight is a 0 bit, and the bits `pack_mask` pads the last byte with (0 in both) are taken off."""
+    if previous is None:
+        return None
+    pad = 8 * packed.numel() - numel
+    previous, packed = previous.numpy(), packed.numpy()
+    both = int(np.bitwise_count(~(previous | packed)).sum(dtype=np.int64)) - pad
+    either = int(np.bitwise_count(~(previous & packed)).sum(dtype=np.int64)) - pad
+    return both / either if either else 1.0

@@ -8,10 +8,11 @@ from dataclasses import replace
 
 from transformers import TrainerCallback
 
-from efx import masked_adapter
-from efx.activation_recorder import ActivationRecorder
-from efx.arch import architecture_map
-from efx.prune import CARRIED, PruneConfig, PruneMemory, prune
+from efx.method import masked_adapter
+from efx.method.recorder import ActivationRecorder
+from efx.model.arch import architecture_map
+from efx.method.prune import CARRIED, PruneConfig, prune
+from efx.method.score_memory import PruneMemory
 
 log = logging.getLogger(__name__)
 
@@ -27,18 +28,18 @@ class EfficientXpertCallback(TrainerCallback):
     sparse (the adapter is reset to B = 0; `merge_and_unload()` then yields the plain model).
 
     Args:
-        calib: calibration data (see `efx.prune`); may be None with statistics="training".
+        calib: calibration data (see `efx.method.prune`); may be None with statistics="training".
         config: the pruning settings of the intermediate calls.
         schedule: "epoch" or "steps".
         every_steps: interval of the "steps" schedule.
         reset_optimizer: clear the optimizer state after each call (the authors keep it).
         masked_adapter: between calls, mask the adapter delta with the last call's keep-masks, so
             the effective weight stays sparse while training and the final call loses nothing
-            (see `efx.masked_adapter`; the authors leave the delta dense).
+            (see `efx.method.masked_adapter`; the authors leave the delta dense).
         statistics: "calibration" (each call runs the sequential calibration pass of method.md
             section 2) or "training" (each call uses the activation statistics recorded during
             the training forwards since the previous call: no extra forward pass, see
-            `efx.activation_recorder`; not for methods that need the Hessian).
+            `efx.method.recorder`; not for methods that need the Hessian).
         prune_at_start: also prune once before the first step (efx option), so that the whole
             LoRA budget trains on the sparse base; that call runs the calibration pass (nothing is
             recorded yet), so it needs `calib` whatever `statistics` is.

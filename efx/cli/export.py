@@ -5,11 +5,11 @@ from __future__ import annotations
 import logging
 from pathlib import Path
 
-from efx.checkpoint import save_sparse
+from efx.model.checkpoint import save_sparse
 from efx.io import atomic_folder, check_output_free
-from efx.models import load_model
-from efx.report import sparsity_audit
-from efx.sparse_linear import to_sparse_lora
+from efx.model.loading import load_model
+from efx.evaluation.report import sparsity_audit
+from efx.model.sparse_linear import to_sparse_lora
 
 log = logging.getLogger(__name__)
 

@@ -9,7 +9,7 @@ from dataclasses import fields
 from pathlib import Path
 
 def _run_parser(sub) -> argparse.ArgumentParser:
-    from efx.run import RunSettings
+    from efx.cli.run import RunSettings
     p = sub.add_parser("run", help="general model -> verified sparse expert (with a dense LoRA reference)",
                        description="Train the dense LoRA reference and the sparse expert on the same budget and "
                                    "seed, evaluate both, and write the expert, report.json, report.md and plots.")
@@ -79,7 +79,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _settings_from(args):
-    from efx.run import RunSettings, load_settings
+    from efx.cli.run import RunSettings, load_settings
     values = load_settings(args.config) if args.config else {}
     for f in fields(RunSettings):
         value = getattr(args, f.name, None)
@@ -95,7 +95,7 @@ def main(argv=None) -> int:
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:
         if args.command == "run":
-            from efx.run import run
+            from efx.cli.run import run
             settings = _settings_from(args)
             settings.validate()
             report = run(settings, args.output, overwrite=args.overwrite, resume=args.resume)
@@ -113,10 +113,10 @@ def main(argv=None) -> int:
                 atomic_write_text(args.output, text)
             print(text)
         elif args.command == "export":
-            from efx.export import export
+            from efx.cli.export import export
             export(args.model, args.output, fmt=args.format, overwrite=args.overwrite)
         elif args.command == "compare":
-            from efx.compare import compare
+            from efx.evaluation.compare import compare
             result = compare(args.runs, args.output, overwrite=args.overwrite)
             print(Path(args.output, "compare.md").read_text())
             if not result["plotted"]:
@@ -131,7 +131,7 @@ def main(argv=None) -> int:
 
 def _bench(args) -> int:
     import subprocess
-    root = Path(__file__).resolve().parent.parent / "benchmarks"
+    root = Path(__file__).resolve().parents[2] / "benchmarks"
     scripts = {"pbs": [["pbs_speed.py"]], "kernels": [["kernel_bench.py"]],
                "overhead": [["overhead.py", "--repeats", "1"], ["step_overhead.py"]],
                "retention": [["domain_retention.py"]]}

@@ -3,13 +3,11 @@ bitmap or masked dense) and whose LoRA adapter stays trainable; `to_sparse_lora`
 target of a model in place, and `merge()` folds the adapter in without losing a single zero."""
 from __future__ import annotations
 
-import math
-
 import torch
 from torch import nn
 
-from efx.arch import architecture_map, base_linear, lora_parts
-from efx_kernels import PackedWeight, pack, sparse_lora_linear
+from efx.model.arch import architecture_map, base_linear, lora_parts, reset_lora
+from efx_kernels import PackedWeight, effective_weight, pack, sparse_lora_linear
 from efx_kernels.formats import FORMATS
 
 BUFFER_PREFIX = "packed_"
@@ -101,11 +99,7 @@ class SparseLoRALinear(nn.Module):
         """A Kaiming-uniform, B = 0 (the way peft initializes LoRA)."""
         if not self.r:
             return
-        with torch.no_grad():
-            fresh = torch.empty(self.lora_A.shape, dtype=torch.float32)
-            nn.init.kaiming_uniform_(fresh, a=math.sqrt(5), generator=generator)
-            self.lora_A.copy_(fresh)
-            self.lora_B.zero_()
+        reset_lora(self.lora_A, self.lora_B, generator)
 
     @torch.no_grad()
     def merge(self) -> None:
@@ -114,8 +108,8 @@ class SparseLoRALinear(nn.Module):
         if not self.r:
             return
         keep = self.keep_mask()
-        dense = self.dense_weight().float() + self.scale * (self.lora_B.float() @ self.lora_A.float())
-        self._set_packed(pack((dense * keep).to(self._dtype), keep, self.format))
+        merged = effective_weight(self.dense_weight(), self.lora_A, self.lora_B, self.scale)
+        self._set_packed(pack(merged.mul_(keep).add_(0.0).to(self._dtype), keep, self.format))
         self.reset_adapter()
 
     def to_linear(self) -> nn.Linear:

@@ -28,7 +28,7 @@ def versions() -> dict:
 
 def sparsity_audit(model, roles_only: bool = True) -> dict:
     """Exact zeros of every target weight, read from the model itself (not from masks)."""
-    from efx.arch import architecture_map, base_linear
+    from efx.model.arch import architecture_map, base_linear
     arch = architecture_map(model)
     modules = {}
     for block in arch.blocks:

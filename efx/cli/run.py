@@ -17,17 +17,17 @@ from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 
 
-from efx.data import load_suite
-from efx.evaluate import evaluate, retention
+from efx.data.suites import load_suite
+from efx.evaluation.evaluate import evaluate, retention
 from efx.io import atomic_folder, atomic_write_text, check_output_free
 from efx.measure import measure
-from efx.models import load_model
-from efx.pipelines import calibration_batches, prune_and_adapt, unload
-from efx.prune import FORESIGHT_METHODS, METHODS, PruneConfig
-from efx.callback import STATISTICS
-from efx.checkpoint import save_sparse
-from efx.report import sparsity_audit, versions, write_report
-from efx.sparse_linear import SparseLoRALinear, to_sparse_lora
+from efx.model.loading import load_model
+from efx.recipes import calibration_batches, prune_and_adapt, unload
+from efx.method.prune import FORESIGHT_METHODS, METHODS, PruneConfig
+from efx.method.schedule import STATISTICS
+from efx.model.checkpoint import save_sparse
+from efx.evaluation.report import sparsity_audit, versions, write_report
+from efx.model.sparse_linear import SparseLoRALinear, to_sparse_lora
 from efx.training import LoraSettings, TrainSettings, train_lora
 
 log = logging.getLogger(__name__)

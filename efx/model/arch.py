@@ -3,11 +3,14 @@ facts ForeSight needs about who consumes whose output (heads, GQA groups, norms)
 from __future__ import annotations
 
 import logging
+import math
 import warnings
 from dataclasses import dataclass, field
 
 import torch
 from torch import nn
+
+from efx_kernels import effective_weight
 
 log = logging.getLogger(__name__)
 
@@ -139,12 +142,22 @@ def lora_parts(module: nn.Module) -> tuple[torch.Tensor, torch.Tensor, float] | 
 
 
 @torch.no_grad()
-def effective_weight(module: nn.Module, scaled: bool = True) -> torch.Tensor:
-    """U = W + s * B @ A in fp32 (W alone for a plain linear). `scaled=False` drops s, as the
-    authors' code does (the "paper" preset)."""
-    weight = base_linear(module).weight.float()
+def module_weight(module: nn.Module, scaled: bool = True) -> torch.Tensor:
+    """U = W + s * B @ A of a target in fp32 (W alone for a plain linear). `scaled=False` drops s,
+    as the authors' code does (the "paper" preset)."""
     parts = lora_parts(module)
+    weight = base_linear(module).weight
     if parts is None:
-        return weight
+        return effective_weight(weight, None, None, 0.0)
     a, b, scale = parts
-    return weight + (scale if scaled else 1.0) * (b.float() @ a.float())
+    return effective_weight(weight, a, b, scale if scaled else 1.0)
+
+
+@torch.no_grad()
+def reset_lora(A: torch.Tensor, B: torch.Tensor, generator: torch.Generator | None = None) -> None:
+    """Re-initialize an adapter the way peft does (A Kaiming-uniform, B = 0), drawing A in fp32
+    from `generator` so that every rank of a distributed job draws the same A."""
+    fresh = torch.empty(A.shape, dtype=torch.float32)
+    torch.nn.init.kaiming_uniform_(fresh, a=math.sqrt(5), generator=generator)
+    A.copy_(fresh.to(A.dtype))
+    B.zero_()

@@ -7,11 +7,11 @@ from dataclasses import replace
 
 import torch
 
-from efx.callback import EfficientXpertCallback
+from efx.method.schedule import EfficientXpertCallback
 from efx.measure import measure
-from efx.prompts import encode_pair
-from efx.prune import PruneConfig
-from efx.prune import prune as prune_model
+from efx.data.prompts import encode_pair
+from efx.method.prune import PruneConfig
+from efx.method.prune import prune as prune_model
 from efx.training import LoraSettings, TrainSettings, train_lora, training_subset
 
 log = logging.getLogger(__name__)

@@ -7,8 +7,8 @@ from collections import defaultdict
 from pathlib import Path
 
 from efx.io import atomic_folder, check_output_free
-from efx.prune import FORESIGHT_METHODS
-from efx.report import retention_plot
+from efx.method.prune import FORESIGHT_METHODS
+from efx.evaluation.report import retention_plot
 
 
 def method_label(settings: dict) -> str:

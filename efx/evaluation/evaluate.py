@@ -11,7 +11,7 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
-from efx.prompts import format_prompt
+from efx.data.prompts import format_prompt
 
 log = logging.getLogger(__name__)
 

@@ -1,6 +1,6 @@
 """Activation statistics recorded from the training forwards themselves (efx option).
 
-A pruning call normally runs its own calibration pass (`efx.calibration`): two forwards of
+A pruning call normally runs its own calibration pass (`efx.method.statistics`): two forwards of
 every block over the calibration set, which is most of a call's time. Inside LoRA training the
 model already sees thousands of domain tokens per epoch; `ActivationRecorder` accumulates each
 target's `sum x_j^2` (padding excluded) during those forwards, so a call can score and run PBS
@@ -32,8 +32,8 @@ import weakref
 import torch
 
 import efx_kernels
-from efx.arch import BlockMap, architecture_map, base_linear, unwrap
-from efx.calibration import ModuleStats, all_reduce_stats, check_stats
+from efx.model.arch import BlockMap, architecture_map, base_linear, unwrap
+from efx.method.statistics import ModuleStats, all_reduce_stats, check_stats
 
 
 class ActivationRecorder:
