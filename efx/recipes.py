@@ -5,14 +5,12 @@ from __future__ import annotations
 import logging
 from dataclasses import replace
 
-import torch
-
 from efx.method.schedule import EfficientXpertCallback
 from efx.measure import measure
 from efx.data.prompts import encode_pair
 from efx.method.prune import PruneConfig
 from efx.method.prune import prune as prune_model
-from efx.training import LoraSettings, TrainSettings, train_lora, training_subset
+from efx.training import LoraSettings, TrainSettings, right_pad, train_lora, training_subset
 
 log = logging.getLogger(__name__)
 
@@ -27,13 +25,7 @@ def calibration_batches(tokenizer, examples: list[dict], *, n: int = 32, max_len
             for ex in training_subset(examples, n, seed + 1)]
     batches = []
     for start in range(0, len(rows), batch_size):
-        chunk = rows[start:start + batch_size]
-        width = max(map(len, chunk))
-        ids = torch.full((len(chunk), width), tokenizer.pad_token_id, dtype=torch.long)
-        mask = torch.zeros((len(chunk), width), dtype=torch.long)
-        for i, r in enumerate(chunk):
-            ids[i, :len(r)] = torch.tensor(r)
-            mask[i, :len(r)] = 1
+        ids, mask = right_pad(rows[start:start + batch_size], tokenizer.pad_token_id)
         batches.append({"input_ids": ids, "attention_mask": mask})
     return batches
 

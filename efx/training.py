@@ -73,18 +73,22 @@ class CompletionDataset(Dataset):
         return self.rows[index]
 
 
+def right_pad(rows: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Token id lists right-padded into (ids, attention_mask) tensors of shape (len(rows), longest)."""
+    width = max(map(len, rows))
+    ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(rows), width), dtype=torch.long)
+    for i, row in enumerate(rows):
+        ids[i, :len(row)] = torch.tensor(row)
+        mask[i, :len(row)] = 1
+    return ids, mask
+
+
 def pad_collate(pad_id: int):
     """Right-pad a batch of {input_ids, labels} into tensors with an attention mask."""
     def collate(rows: list[dict]) -> dict:
-        width = max(len(r["input_ids"]) for r in rows)
-        ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
-        labels = torch.full((len(rows), width), -100, dtype=torch.long)
-        mask = torch.zeros((len(rows), width), dtype=torch.long)
-        for i, r in enumerate(rows):
-            n = len(r["input_ids"])
-            ids[i, :n] = torch.tensor(r["input_ids"])
-            labels[i, :n] = torch.tensor(r["labels"])
-            mask[i, :n] = 1
+        ids, mask = right_pad([r["input_ids"] for r in rows], pad_id)
+        labels, _ = right_pad([r["labels"] for r in rows], -100)
         return {"input_ids": ids, "labels": labels, "attention_mask": mask}
     return collate
 

@@ -7,6 +7,10 @@ os.environ.setdefault("TRITON_INTERPRET", "1")
 
 
 
+WORDS = ("alpha", "beta", "gamma", "delta")
+EXAMPLES = [{"prompt": f"say {w}", "completion": w} for w in WORDS] * 4
+"""A toy prompt/completion set for the tiny models' training tests."""
+
 TINY = dict(vocab_size=96, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
             num_key_value_heads=2, max_position_embeddings=64)
 

@@ -6,7 +6,7 @@ import importlib
 import pytest
 import torch
 
-from conftest import char_tokenizer, tiny_model
+from conftest import EXAMPLES, char_tokenizer, tiny_model
 from efx.method.recorder import ActivationRecorder
 from efx.model.arch import architecture_map, base_linear
 from efx.method.statistics import calibrate
@@ -17,7 +17,6 @@ from efx.training import LoraSettings, TrainSettings, add_lora, train_lora
 from test_calibration_and_prune import padded_calib
 
 PRUNE_MODULE = importlib.import_module("efx.method.prune")  # `efx.method.prune` the attribute is the function
-EXAMPLES = [{"prompt": f"say {w}", "completion": w} for w in ("alpha", "beta", "gamma", "delta")] * 4
 
 
 def lora_model(seed=0):

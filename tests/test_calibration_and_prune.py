@@ -132,18 +132,68 @@ def test_merge_applies_the_adapter_before_masking():
     assert torch.equal(keep, select_keep_mask(U.abs(), 0.5))
 
 
+def pruned_sets(model) -> dict[str, set[int]]:
+    """The flat indices of every target's zero weights."""
+    arch = architecture_map(model)
+    return {block.qualified(r): set((base_linear(m).weight.reshape(-1) == 0).nonzero().flatten().tolist())
+            for block in arch.blocks for r, m in block.targets.items()}
+
+
+def q_score_by_hand(model, calib) -> torch.Tensor:
+    """The efx ForeSight score of block 0's q, written out: |U_q| * sqrt(E[x^2]) * ||row (g(h), e) of U_k||,
+    with x the non-padding inputs of q (which no pruning of this call changes: they come from the embeddings)."""
+    arch = architecture_map(model)
+    block = arch.blocks[0]
+    seen = []
+    handle = block.targets["q"].register_forward_pre_hook(lambda mod, args: seen.append(args[0]))
+    with torch.no_grad():
+        for batch in calib:
+            model(**batch)
+    handle.remove()
+    x = torch.cat([h[b["attention_mask"].bool()] for h, b in zip(seen, calib)])
+    g = (x.double() ** 2).mean(0)
+    U = {}
+    for role in ("q", "k"):
+        module = block.targets[role]
+        A, B = module.lora_A["default"].weight, module.lora_B["default"].weight
+        U[role] = base_linear(module).weight.double() + module.scaling["default"] * B.double() @ A.double()
+    d, group = arch.head_dim, arch.group_size
+    k_rows = torch.stack([U["k"][(i // d // group) * d + i % d].norm() for i in range(U["q"].shape[0])])
+    return (U["q"].abs() * g.sqrt()[None, :] * k_rows[:, None]).float()
+
+
+def set_lora_b(model, seed):
+    gen = torch.Generator().manual_seed(seed)
+    for name, p in model.named_parameters():
+        if "lora_B" in name:
+            p.data = torch.randn(p.shape, generator=gen) * 0.1
+
+
 @pytest.mark.parametrize("offload", [True, False])
-def test_score_memory_and_overlap(offload):
+def test_score_memory_blends_scores_and_overlap_is_the_jaccard_of_the_pruned_sets(offload):
     model = lora_model()
+    calib = padded_calib()
+    q = "model.layers.0.self_attn.q_proj"
     memory = PruneMemory(scores=CarriedTensors(offload=offload), masks=CarriedTensors(offload=offload))
-    first = prune(model, padded_calib(), PruneConfig(sparsity=0.3), memory=memory)
+    first_score = q_score_by_hand(model, calib)
+    first = prune(model, calib, PruneConfig(sparsity=0.3), memory=memory)
     assert first.mask_overlap is None and memory.calls == 1 and len(memory.scores) == 14
-    name = "model.layers.0.mlp.up_proj"
-    assert memory.scores.get(name).dtype == torch.bfloat16
-    second = prune(model, padded_calib(), PruneConfig(sparsity=0.3), memory=memory)
-    assert 0.0 < second.mask_overlap <= 1.0
-    prune(model, padded_calib(), PruneConfig(sparsity=0.3, use_memory=False), memory=memory)
-    assert len(memory.scores) == 0 and memory.scores.get(name) is None
+    remembered = memory.scores.get(q)
+    assert remembered.dtype == torch.bfloat16
+    torch.testing.assert_close(remembered.float(), first_score, rtol=1e-2, atol=1e-3)  # bf16
+    pruned_first = pruned_sets(model)
+    set_lora_b(model, 7)  # training moved the adapter
+    blended = 0.7 * q_score_by_hand(model, calib) + 0.3 * remembered.float()  # eta = mask_lr = 0.7
+    second = prune(model, calib, PruneConfig(sparsity=0.3, mask_lr=0.7), memory=memory)
+    torch.testing.assert_close(memory.scores.get(q).float(), blended, rtol=1e-2, atol=1e-3)
+    keep_q = base_linear(architecture_map(model).blocks[0].targets["q"]).weight != 0
+    assert torch.equal(keep_q, select_keep_mask(blended, 0.3))
+    pruned_second = pruned_sets(model)
+    jaccard = [len(pruned_first[n] & pruned_second[n]) / len(pruned_first[n] | pruned_second[n]) for n in pruned_first]
+    assert second.mask_overlap == pytest.approx(sum(jaccard) / len(jaccard), rel=1e-6)
+    assert second.mask_overlap < 1.0  # the new adapter moved some of the mask
+    prune(model, calib, PruneConfig(sparsity=0.3, use_memory=False), memory=memory)
+    assert len(memory.scores) == 0 and memory.scores.get(q) is None
 
 
 def test_carry_sets_what_the_memory_keeps(monkeypatch):

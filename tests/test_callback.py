@@ -8,7 +8,7 @@ import sys
 import pytest
 import torch
 
-from conftest import char_tokenizer, tiny_model
+from conftest import EXAMPLES, char_tokenizer, tiny_model
 from efx.model.arch import architecture_map, base_linear
 from efx.method.schedule import EfficientXpertCallback
 from efx.recipes import calibration_batches, prune_and_adapt, unload
@@ -16,7 +16,6 @@ from efx.method.prune import PruneConfig
 from efx.method.score_memory import unpack_mask
 from efx.training import TrainSettings, train_lora
 
-EXAMPLES = [{"prompt": f"say {w}", "completion": w} for w in ("alpha", "beta", "gamma", "delta")] * 4
 
 
 def target_sparsity(model):

@@ -4,7 +4,7 @@ import json
 import pytest
 import torch
 
-from conftest import char_tokenizer, tiny_model
+from conftest import EXAMPLES, char_tokenizer, tiny_model
 from efx.model.arch import architecture_map
 from efx.data.suites import DataError, load_suite, split_of
 from efx.evaluation.evaluate import choice_logprobs, macro_f1, retention, score_task
@@ -147,7 +147,7 @@ def test_scores_accuracy_f1_and_retention():
 def test_lora_training_lowers_the_loss():
     model = tiny_model("llama", vocab_size=256, initializer_range=0.3)  # logits with range to move
     tok = char_tokenizer()
-    examples = [{"prompt": f"say {w}", "completion": w} for w in ("alpha", "beta", "gamma", "delta")] * 8
+    examples = EXAMPLES * 2
     settings = TrainSettings(epochs=8, n_examples=0, batch_size=8, learning_rate=3e-2, logging_steps=4)
     model, stats = train_lora(model, tok, examples, training=settings)
     losses = [e["loss"] for e in stats["log_history"] if "loss" in e]

@@ -3,7 +3,7 @@ schedule whose final call loses nothing because training never left the mask."""
 import pytest
 import torch
 
-from conftest import char_tokenizer, tiny_model
+from conftest import EXAMPLES, char_tokenizer, tiny_model
 from efx.method import masked_adapter
 from efx.model.arch import architecture_map, base_linear, lora_parts
 from efx.method.schedule import EfficientXpertCallback
@@ -12,7 +12,6 @@ from efx.method.prune import PruneConfig
 from efx.method.score_memory import pack_mask, unpack_mask
 from efx.training import LoraSettings, TrainSettings, add_lora, train_lora
 
-EXAMPLES = [{"prompt": f"say {w}", "completion": w} for w in ("alpha", "beta", "gamma", "delta")] * 4
 
 
 def test_masked_delta_gradients_match_autograd():

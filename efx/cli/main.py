@@ -20,6 +20,8 @@ def _run_parser(sub) -> argparse.ArgumentParser:
     p.add_argument("--quick", action="store_true", help="a small budget that finishes in about 3 minutes on 2 CPUs")
     docs = _field_docs(RunSettings)
     for f in fields(RunSettings):
+        if f.name == "quick":  # --quick above
+            continue
         flag = "--" + f.name.replace("_", "-")
         if f.type in ("bool", bool):
             p.add_argument(flag, action=argparse.BooleanOptionalAction, default=None, help=docs.get(f.name))
@@ -82,10 +84,10 @@ def _settings_from(args):
     from efx.cli.run import RunSettings, load_settings
     values = load_settings(args.config) if args.config else {}
     for f in fields(RunSettings):
-        value = getattr(args, f.name, None)
+        value = getattr(args, f.name, None) if f.name != "quick" else None
         if value is not None:
             values[f.name] = value
-    return RunSettings.quick(**values) if args.quick else RunSettings(**values)
+    return RunSettings.quick_run(**values) if args.quick or values.get("quick") else RunSettings(**values)
 
 
 def main(argv=None) -> int:
@@ -100,8 +102,7 @@ def main(argv=None) -> int:
             settings.validate()
             report = run(settings, args.output, overwrite=args.overwrite, resume=args.resume)
             print(Path(args.output, "report.md").read_text())
-            print(f"overall retention {report['retention']['overall']:.3f}, sparsity "
-                  f"{report['sparsity']['overall']:.4f}, wall {report['wall_seconds']:.0f} s")
+            print(summary_line(report))
         elif args.command == "eval":
             from efx import evaluate, load_model, load_suite
             from efx.io import atomic_write_text
@@ -127,6 +128,19 @@ def main(argv=None) -> int:
         print(f"efx {args.command}: error: {err}", file=sys.stderr)
         return 2
     return 0
+
+
+def summary_line(report: dict) -> str:
+    """The run's last line: retention, audited sparsity, wall time, and what the figures do not mean."""
+    ret = report["retention"]
+    line = (f"overall retention {ret['overall']:.3f}, sparsity {report['sparsity']['overall']:.4f}, "
+            f"wall {report['wall_seconds']:.0f} s")
+    if ret.get("not_meaningful"):
+        line += (f"; not meaningful (dense LoRA does not beat the majority baseline), left out of the overall: "
+                 f"{', '.join(ret['not_meaningful'])}")
+    if report["settings"].get("quick"):
+        line += "; a smoke run (--quick): its figures show the pipeline works, not what a full run retains"
+    return line
 
 
 def _bench(args) -> int:

@@ -99,11 +99,13 @@ class RunSettings:
     """Also evaluate the untouched base model."""
     seed: int = 0
     """Seed of data sampling, adapter initialization and dropout."""
+    quick: bool = False
+    """Set by --quick: a smoke run, whose figures show that the pipeline works, not what it retains."""
 
     @classmethod
-    def quick(cls, **overrides) -> "RunSettings":
-        """A budget that finishes in about 3 minutes on a 2-core CPU."""
-        return cls(**{"epochs": 2, "n_examples": 32, "calib": 16, "eval_items": 50, **overrides})
+    def quick_run(cls, **overrides) -> "RunSettings":
+        """A smoke-run budget that finishes in about 3 minutes on a 2-core CPU."""
+        return cls(**{"epochs": 2, "n_examples": 32, "calib": 16, "eval_items": 50, **overrides, "quick": True})
 
     def validate(self) -> None:
         if self.method not in RUN_METHODS:

@@ -177,9 +177,19 @@ def evaluate(model, tokenizer, suite, *, batch_size: int = 16, split: str = "tes
 
 def retention(result: dict, reference: dict, metric: str = "accuracy") -> dict:
     """Method score / reference score per task, perplexity as reference_ppl / method_ppl, and
-    their mean ("overall")."""
-    per_task = {name: scores[metric] / reference["tasks"][name][metric] if reference["tasks"][name][metric] else 0.0
-                for name, scores in result["tasks"].items()}
+    their mean ("overall").
+
+    A task on which the reference does not beat its majority baseline measures nothing a pruned
+    model could lose: its retention is listed under "not_meaningful" and left out of "overall".
+    """
+    per_task, not_meaningful = {}, []
+    for name, scores in result["tasks"].items():
+        ref = reference["tasks"][name]
+        per_task[name] = scores[metric] / ref[metric] if ref[metric] else 0.0
+        if ref[metric] <= ref["majority_baseline"]:
+            not_meaningful.append(name)
     if result.get("perplexity") and reference.get("perplexity"):
         per_task["perplexity"] = reference["perplexity"]["perplexity"] / result["perplexity"]["perplexity"]
-    return {"per_task": per_task, "overall": sum(per_task.values()) / len(per_task), "metric": metric}
+    counted = [v for name, v in per_task.items() if name not in not_meaningful]
+    overall = sum(counted) / len(counted) if counted else float("nan")
+    return {"per_task": per_task, "overall": overall, "metric": metric, "not_meaningful": not_meaningful}

@@ -50,8 +50,12 @@ def markdown(report: dict) -> str:
     s = report["settings"]
     lines = [f"# efx run: {s['method']} on {s['domain']}", "",
              f"Model `{s['model'] or 'embedded SmolLM2-135M-Instruct'}`, sparsity {s['sparsity']} "
-             f"({s['pattern']}), preset {s['preset']}, seed {s['seed']}.", "",
-             "## Scores", "",
+             f"({s['pattern']}), preset {s['preset']}, seed {s['seed']}.", ""]
+    if s.get("quick"):
+        lines += ["**Smoke run (`--quick`)**: a tiny budget and 50 items per task. Its figures show that the "
+                  "pipeline works, not what a full run retains.", ""]
+    not_meaningful = report["retention"].get("not_meaningful", [])
+    lines += ["## Scores", "",
              "| task | metric | base | dense LoRA | expert | retention | majority |",
              "| --- | --- | --- | --- | --- | --- | --- |"]
     base = report.get("base_eval") or {"tasks": {}}
@@ -60,14 +64,19 @@ def markdown(report: dict) -> str:
         for metric in ("accuracy_norm", "accuracy", "macro_f1_norm"):
             b = base["tasks"].get(task, {}).get(metric)
             d, e = dense["tasks"][task][metric], scores[metric]
-            lines.append(f"| {task} | {metric} | {_fmt(b)} | {_fmt(d)} | {_fmt(e)} | "
-                         f"{_fmt(e / d if d else None)} | {_fmt(scores['majority_baseline'])} |")
+            kept = f"{_fmt(e / d if d else None)}" + (" (not meaningful)" if task in not_meaningful else "")
+            lines.append(f"| {task} | {metric} | {_fmt(b)} | {_fmt(d)} | {_fmt(e)} | {kept} | "
+                         f"{_fmt(scores['majority_baseline'])} |")
     if expert.get("perplexity"):
         b = (base.get("perplexity") or {}).get("perplexity")
         d, e = dense["perplexity"]["perplexity"], expert["perplexity"]["perplexity"]
         lines.append(f"| held-out text | perplexity | {_fmt(b, 2)} | {_fmt(d, 2)} | {_fmt(e, 2)} | {_fmt(d / e)} | — |")
     ret = report["retention"]
-    lines += ["", f"Overall retention ({ret['metric']}, perplexity as dense/expert): **{ret['overall']:.3f}**", "",
+    lines += ["", f"Overall retention ({ret['metric']}, perplexity as dense/expert): **{ret['overall']:.3f}**"]
+    if not_meaningful:
+        lines += ["", f"Not meaningful, and left out of the overall: {', '.join(not_meaningful)}. Dense LoRA does "
+                      "not beat the majority baseline there, so the task cannot show what pruning loses."]
+    lines += ["",
               "## Sparsity audit (zeros counted in the saved weights)", "",
               f"Overall sparsity of the targets: **{report['sparsity']['overall']:.4f}**", "",
               "| module type | sparsity min | mean | max |", "| --- | --- | --- | --- |"]

@@ -33,7 +33,7 @@ import torch
 
 import efx_kernels
 from efx.model.arch import BlockMap, architecture_map, base_linear, unwrap
-from efx.method.statistics import ModuleStats, all_reduce_stats, check_stats
+from efx.method.statistics import ModuleStats, all_reduce_stats, check_stats, token_mask_for
 
 
 class ActivationRecorder:
@@ -109,9 +109,7 @@ class ActivationRecorder:
         last = self._last
         if last is not None and last[0]() is x:
             return last[1], last[2]
-        mask = self._mask
-        if mask is not None and (mask.dim() != 2 or tuple(mask.shape) != tuple(x.shape[:-1])):
-            mask = None  # not the (batch, tokens) padding mask of this input
+        mask = token_mask_for(self._mask, x) if self._mask is not None and self._mask.dim() == 2 else None
         delta = self._column_buffer(x.shape[-1], x.device).zero_()
         with torch.no_grad():
             tokens = efx_kernels.accumulate_act_sq(x.detach(), delta, mask)

@@ -146,6 +146,17 @@ def calibrate(model, arch: ArchMap, calib, on_block: Callable[[BlockMap, dict[st
         model.train(was_training)
 
 
+def token_mask_for(mask: torch.Tensor | None, x: torch.Tensor) -> torch.Tensor | None:
+    """The (batch, tokens) padding mask shaped as x's leading dimensions: some decoders (OPT's MLP,
+    say) flatten the tokens to (batch * tokens, n) inside a block, in row-major order. None when
+    the mask cannot belong to x."""
+    if mask is None or tuple(mask.shape) == tuple(x.shape[:-1]):
+        return mask
+    if mask.numel() == x[..., 0].numel():
+        return mask.reshape(x.shape[:-1])
+    return None
+
+
 def _collect(block_map: BlockMap, states, batches: list[CalibBatch], hessian: bool) -> dict[str, ModuleStats]:
     stats: dict[str, ModuleStats] = {}
     current = {"mask": None, "sequences": 0}
@@ -160,7 +171,7 @@ def _collect(block_map: BlockMap, states, batches: list[CalibBatch], hessian: bo
                 s = stats[role] = ModuleStats(torch.zeros(n, dtype=torch.float32, device=x.device),
                                               hessian_sum=torch.zeros(n, n, dtype=torch.float32, device=x.device)
                                               if hessian else None)
-            mask = current["mask"]
+            mask = token_mask_for(current["mask"], x)
             s.tokens += efx_kernels.accumulate_act_sq(x, s.sq_sum, mask)
             if hessian:
                 efx_kernels.accumulate_hessian(x, s.hessian_sum, mask)
