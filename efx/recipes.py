@@ -7,10 +7,10 @@ from dataclasses import replace
 
 from efx.method.schedule import EfficientXpertCallback
 from efx.measure import measure
-from efx.data.prompts import encode_pair
+from efx.data.prompts import encode_pair, right_pad
 from efx.method.prune import PruneConfig
 from efx.method.prune import prune as prune_model
-from efx.training import LoraSettings, TrainSettings, right_pad, train_lora, training_subset
+from efx.training import LoraSettings, TrainSettings, train_lora, training_subset
 
 log = logging.getLogger(__name__)
 

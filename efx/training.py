@@ -10,7 +10,7 @@ from dataclasses import dataclass, field
 import torch
 from torch.utils.data import Dataset
 
-from efx.data.prompts import encode_pair
+from efx.data.prompts import encode_pair, right_pad
 
 log = logging.getLogger(__name__)
 
@@ -71,17 +71,6 @@ class CompletionDataset(Dataset):
 
     def __getitem__(self, index: int) -> dict:
         return self.rows[index]
-
-
-def right_pad(rows: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Token id lists right-padded into (ids, attention_mask) tensors of shape (len(rows), longest)."""
-    width = max(map(len, rows))
-    ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
-    mask = torch.zeros((len(rows), width), dtype=torch.long)
-    for i, row in enumerate(rows):
-        ids[i, :len(row)] = torch.tensor(row)
-        mask[i, :len(row)] = 1
-    return ids, mask
 
 
 def pad_collate(pad_id: int):

@@ -36,3 +36,25 @@ def test_summary_retention_per_seed_mean_and_order():
     cells = lines[2].split(" | ")
     assert cells[4:] == ["**0.500**", "**1.000**", "0.750 |"]
     assert "**0.625**" in lines[3]
+
+
+def test_results_page_is_generated_from_the_result_files(tmp_path, monkeypatch):
+    """docs/results.md is what render_results.py makes of benchmarks/results/*.json, and --check
+    fails once a result file changes."""
+    import json
+    import shutil
+    import subprocess
+    import sys
+    script = Path(__file__).parent.parent / "benchmarks" / "render_results.py"
+    done = subprocess.run([sys.executable, str(script), "--check"], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    spec = importlib.util.spec_from_file_location("render_results", script)
+    render = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(render)
+    copy = tmp_path / "results"
+    shutil.copytree(render.RESULTS, copy)
+    speed = json.loads((copy / "pbs_speed.json").read_text())
+    speed["results"][0]["speedup"] *= 2
+    (copy / "pbs_speed.json").write_text(json.dumps(speed))
+    monkeypatch.setattr(render, "RESULTS", copy)
+    assert render.main(["--check"]) == 1

@@ -240,7 +240,7 @@ def test_kept_masks_match_the_weights():
                 assert torch.equal(unpack_mask(packed, weight.shape), weight != 0)
 
 
-def test_call_store_files_and_ram_agree():
+def test_carried_tensors_in_files_and_in_ram_agree():
     score = torch.randn(7, 9).to(torch.bfloat16)
     packed = pack_mask(torch.rand(5, 13) > 0.5)
     stores = [CarriedTensors(offload=True), CarriedTensors(offload=False)]

@@ -140,3 +140,16 @@ def test_run_output_refusals_keep_the_users_files(tmp_path):
     assert a_file.read_text() == "user file"
     prepare_output(occupied, overwrite=True, resume=False)
     assert occupied.is_dir() and not any(occupied.iterdir())
+
+
+def test_summary_names_meaningless_retentions_and_smoke_runs():
+    from efx.cli.main import _settings_from, build_parser, summary_line
+    report = {"retention": {"overall": 0.9, "not_meaningful": ["icd_chapter"]}, "sparsity": {"overall": 0.4},
+              "wall_seconds": 12.0, "settings": {"quick": True}}
+    line = summary_line(report)
+    assert "not meaningful" in line and "icd_chapter" in line and "smoke run" in line
+    report["retention"]["not_meaningful"], report["settings"]["quick"] = [], False
+    assert summary_line(report) == "overall retention 0.900, sparsity 0.4000, wall 12 s"
+    settings = _settings_from(build_parser().parse_args(["run", "--quick", "--epochs", "3"]))
+    assert settings.quick and settings.epochs == 3 and settings.eval_items == 50
+    assert not _settings_from(build_parser().parse_args(["run"])).quick

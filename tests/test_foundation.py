@@ -137,11 +137,24 @@ def test_scores_accuracy_f1_and_retention():
     assert scores["macro_f1"] == pytest.approx((2 / 3 + 2 / 3) / 2)
     assert scores["majority_baseline"] == pytest.approx(2 / 3)
     assert macro_f1(["a", "b"], ["a", "a"]) == pytest.approx((2 / 3 + 0) / 2)
-    dense = {"tasks": {"t": {"accuracy": 0.8}}, "perplexity": {"perplexity": 10.0}}
-    sparse = {"tasks": {"t": {"accuracy": 0.6}}, "perplexity": {"perplexity": 12.5}}
+    dense = {"tasks": {"t": {"accuracy": 0.8, "majority_baseline": 0.4}}, "perplexity": {"perplexity": 10.0}}
+    sparse = {"tasks": {"t": {"accuracy": 0.6, "majority_baseline": 0.4}}, "perplexity": {"perplexity": 12.5}}
     ret = retention(sparse, dense)
     assert ret["per_task"] == {"t": pytest.approx(0.75), "perplexity": pytest.approx(0.8)}
-    assert ret["overall"] == pytest.approx(0.775)
+    assert ret["overall"] == pytest.approx(0.775) and ret["not_meaningful"] == []
+
+
+def test_retention_of_a_task_dense_lora_does_not_win_is_flagged_and_left_out():
+    """Dense LoRA at 0.26 under a majority baseline of 0.38: any expert score over it gives a
+    retention that measures nothing, so it is named and kept out of the overall."""
+    dense = {"tasks": {"icd": {"accuracy": 0.26, "majority_baseline": 0.38},
+                       "hpo": {"accuracy": 0.70, "majority_baseline": 0.28}}, "perplexity": {"perplexity": 10.0}}
+    expert = {"tasks": {"icd": {"accuracy": 0.24, "majority_baseline": 0.38},
+                        "hpo": {"accuracy": 0.63, "majority_baseline": 0.28}}, "perplexity": {"perplexity": 20.0}}
+    ret = retention(expert, dense)
+    assert ret["not_meaningful"] == ["icd"]
+    assert ret["per_task"]["icd"] == pytest.approx(0.24 / 0.26)
+    assert ret["overall"] == pytest.approx((0.9 + 0.5) / 2)
 
 
 def test_lora_training_lowers_the_loss():

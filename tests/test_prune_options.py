@@ -64,7 +64,7 @@ def output_error(model_before, model_after, calib, role="q") -> float:
             model_before(**batch)
     handle.remove()
     x = torch.cat([h[b["attention_mask"].bool()] for h, b in zip(seen, calib)]).double()
-    A, B, s = lora_parts(target)
+    A, B, s = (t.detach() if torch.is_tensor(t) else t for t in lora_parts(target))
     U = base_linear(target).weight.double() + s * B.double() @ A.double()
     after = base_linear(architecture_map(model_after).blocks[0].targets[role]).weight.double()
     return float(((x @ (after - U).T) ** 2).sum())

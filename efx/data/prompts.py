@@ -2,6 +2,8 @@
 so both see exactly the same format."""
 from __future__ import annotations
 
+import torch
+
 
 def format_prompt(tokenizer, prompt: str, system: str | None = None) -> str:
     """The prompt as the model sees it: wrapped in the chat template for chat models (with the
@@ -31,3 +33,14 @@ def encode_pair(tokenizer, prompt: str, completion: str, system: str | None = No
         completion_ids = completion_ids[: max(1, max_length // 2)]
         prompt_ids = prompt_ids[-(max_length - len(completion_ids)):]
     return prompt_ids + completion_ids, len(prompt_ids)
+
+
+def right_pad(rows: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Token id lists right-padded into (ids, attention_mask) tensors of shape (len(rows), longest)."""
+    width = max(map(len, rows))
+    ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(rows), width), dtype=torch.long)
+    for i, row in enumerate(rows):
+        ids[i, :len(row)] = torch.tensor(row)
+        mask[i, :len(row)] = 1
+    return ids, mask

@@ -11,7 +11,7 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
-from efx.data.prompts import format_prompt
+from efx.data.prompts import format_prompt, right_pad
 
 log = logging.getLogger(__name__)
 
@@ -70,12 +70,8 @@ def choice_logprobs(model, tokenizer, items: list[dict], *, system: str | None =
                     raise ValueError(f"choice {choice!r} encodes to no tokens")
                 owner.append(row)
                 choice_tokens.append(ids)
-        length = max(map(len, choice_tokens))
-        choice_ids = torch.full((len(owner), length), pad, dtype=torch.long)
-        choice_mask = torch.zeros((len(owner), length), dtype=torch.long)
-        for row, ids in enumerate(choice_tokens):
-            choice_ids[row, :len(ids)] = torch.tensor(ids)
-            choice_mask[row, :len(ids)] = 1
+        choice_ids, choice_mask = right_pad(choice_tokens, pad)
+        length = choice_ids.shape[1]
         owner_t = torch.tensor(owner)
         cache = _output_cache(out)
         cache.batch_select_indices(owner_t.to(device))

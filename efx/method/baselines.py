@@ -1,5 +1,5 @@
 """Baseline pruning scores and solvers (method.md section 6): magnitude, Wanda and SparseGPT,
-unstructured and N:M. The two pipelines that wrap them with LoRA live in efx.pipelines."""
+unstructured and N:M. The two pipelines that wrap them with LoRA live in efx.recipes."""
 from __future__ import annotations
 
 import torch

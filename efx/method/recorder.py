@@ -21,9 +21,8 @@ recording cost in proportion and gives the statistics of the weights nearest the
 
 Memory: every tensor the recorder keeps (the per-target sums and one column-sum buffer per input
 width) is allocated when it is attached, before training starts, and `reset` zeroes them in place,
-so no tensor that outlives a step is allocated between a forward's activations. The bytes in use
-at a training step's peak are the same as plain LoRA's; glibc's heap around them is not always
-laid out as tightly (README, "Overhead of pruning inside training"; `benchmarks/heap_probe.py`).
+so no tensor that outlives a step is allocated between a forward's activations: the bytes in use
+at a training step's peak are the same as plain LoRA's (docs/results.md, "Overhead").
 """
 from __future__ import annotations
 
