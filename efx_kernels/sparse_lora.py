@@ -46,13 +46,6 @@ def _semi_structured(packed: PackedWeight):
     return packed.cache["semi"]
 
 
-def dense_of(packed: PackedWeight) -> torch.Tensor:
-    """The dense weight, unpacked once per PackedWeight (the reference path's operand)."""
-    if "dense" not in packed.cache:
-        packed.cache["dense"] = packed.unpack()
-    return packed.cache["dense"]
-
-
 def sparse_lora_linear(x: torch.Tensor, packed: PackedWeight, A: torch.Tensor | None, B: torch.Tensor | None,
                        scale: float, bias: torch.Tensor | None = None, lora_input: torch.Tensor | None = None
                        ) -> torch.Tensor:
@@ -80,7 +73,9 @@ def sparse_lora_linear(x: torch.Tensor, packed: PackedWeight, A: torch.Tensor | 
         lora2d = x2d if lora_input is None else lora2d.contiguous()
         y = _FusedSparseLoRA.apply(x2d, lora2d, A, B, bias, packed, float(scale))
         return y.reshape(*lead, -1)
-    y = F.linear(x2d, dense_of(packed).to(x.dtype), None if bias is None else bias.to(x.dtype))
+    # unpacked per call and dropped after it: a dense copy kept beside the packed tensors would make
+    # the packed model larger in memory than the dense one
+    y = F.linear(x2d, packed.unpack().to(x.dtype), None if bias is None else bias.to(x.dtype))
     if A is not None:
         y = y + scale * ((lora2d @ A.T.to(x.dtype)) @ B.T.to(x.dtype))
     return y.reshape(*lead, -1)

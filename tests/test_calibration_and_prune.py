@@ -196,7 +196,7 @@ def test_score_memory_blends_scores_and_overlap_is_the_jaccard_of_the_pruned_set
     assert len(memory.scores) == 0 and memory.scores.get(q) is None
 
 
-def test_carry_sets_what_the_memory_keeps(monkeypatch):
+def test_carry_sets_what_the_memory_keeps(monkeypatch, tmp_path):
     model = lora_model()
     memory = PruneMemory()
     first = prune(model, padded_calib(), PruneConfig(sparsity=0.3), memory=memory, carry="masks")  # one name
@@ -208,11 +208,14 @@ def test_carry_sets_what_the_memory_keeps(monkeypatch):
         prune(model, padded_calib(), PruneConfig(), carry=("weights",))
     assert all(torch.equal(a, b) for a, b in zip(before, model.parameters()))
 
-    def no_folder(*args, **kwargs):
-        raise AssertionError("a temporary folder was made")
-
-    monkeypatch.setattr(tempfile, "mkdtemp", no_folder)  # a call without memory writes nothing
-    assert prune(model, padded_calib(), PruneConfig(sparsity=0.3)).sparsity == first.sparsity
+    made = []
+    real_mkdtemp = tempfile.mkdtemp
+    monkeypatch.setattr(tempfile, "mkdtemp", lambda *a, **k: made.append(real_mkdtemp(*a, **k)) or made[-1])
+    work = tmp_path / "work"
+    work.mkdir()
+    # a call without memory keeps nothing: its only files are the undo, in work_dir, removed at the end
+    assert prune(model, padded_calib(), PruneConfig(sparsity=0.3), work_dir=work).sparsity == first.sparsity
+    assert len(made) == 1 and made[0].startswith(str(work)) and not any(work.iterdir())
 
 
 @pytest.mark.parametrize("shape", [(5, 13), (8, 8)])  # 65 bits pad the last byte; 64 do not
@@ -282,16 +285,18 @@ def test_empty_calibration_and_nan_weights_are_rejected():
         prune(model, padded_calib(), PruneConfig())
 
 
-def test_failure_mid_pass_restores_every_weight():
-    model = lora_model()
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_failure_mid_pass_restores_every_weight_from_its_undo_files(dtype, tmp_path):
+    model = lora_model().to(dtype)
     before = {k: v.clone() for k, v in model.state_dict().items()}
     arch = architecture_map(model)
     # non-finite activations appear only when block 1 runs, after block 0 was pruned
     hook = arch.blocks[1].targets["down"].register_forward_pre_hook(lambda m, a: (a[0] * float("inf"),))
     with pytest.raises(FloatingPointError, match="non-finite"):
-        prune(model, padded_calib(), PruneConfig())
+        prune(model, padded_calib(), PruneConfig(), work_dir=tmp_path)
     hook.remove()
     assert all(torch.equal(before[k], v) for k, v in model.state_dict().items()), "model left half-pruned"
+    assert not any(tmp_path.iterdir())  # the undo files are gone after a failure too
 
 
 def test_wanda_matches_a_straightforward_implementation():
@@ -388,3 +393,16 @@ def test_obs_update_keeps_the_foresight_mask_and_lowers_output_error():
             dense = x @ (base_linear(module).weight + s * B @ A).T
             errors = [float((x @ base_linear(b.targets[role]).weight.T - dense).norm()) for b in blocks[1:]]
         assert errors[1] < errors[0]
+
+
+def test_targets_that_read_one_input_share_one_hessian():
+    model = lora_model()
+    arch = architecture_map(model)
+    seen = []
+    calibrate(model, arch, padded_calib(), lambda block, stats: seen.append(stats), hessian=True)
+    stats = seen[0]
+    assert stats["q"] is stats["k"] is stats["v"] and stats["gate"] is stats["up"]
+    distinct = {id(s.hessian_sum) for s in stats.values()}
+    assert len(distinct) == 4  # q/k/v, o, gate/up, down
+    # the shared entry counted its input once: the same tokens as o's
+    assert stats["q"].tokens == stats["o"].tokens == 6 * 12 - 5 - 10

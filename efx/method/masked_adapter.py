@@ -7,9 +7,9 @@ training left to recover. With the masked adapter each target computes
     y = x @ W^T + dropout(x) @ (M * (s * B @ A))^T
 
 so the effective weight `M * (W + s * B @ A)` keeps the mask while training, and the final
-merge loses nothing. Costs: one bool per weight for the masks, and per target and step about
-three dense GEMMs more than plain LoRA (the masked delta is formed, used and differentiated
-at full size; it is recomputed in backward rather than kept).
+merge loses nothing. Costs: one byte (a bool) per weight for the masks, and per target and step
+about three dense GEMMs more than plain LoRA (the masked delta is formed, used and
+differentiated at full size; it is recomputed in backward rather than kept).
 """
 from __future__ import annotations
 
@@ -49,8 +49,10 @@ class _MaskedDelta(torch.autograd.Function):
 
 
 def masked_delta(x: torch.Tensor, A: torch.Tensor, B: torch.Tensor, mask: torch.Tensor, scale: float) -> torch.Tensor:
-    """`x @ (mask * (scale * B @ A))^T` (mask bool or 0/1, shape of the weight), differentiable in x, A, B."""
-    return _MaskedDelta.apply(x, A, B, mask.to(A.dtype), float(scale))
+    """`x @ (mask * (scale * B @ A))^T` (mask bool, shape of the weight), differentiable in x, A, B."""
+    if mask.dtype != torch.bool:
+        raise ValueError(f"mask must be bool, got {mask.dtype}")
+    return _MaskedDelta.apply(x, A, B, mask, float(scale))
 
 
 def _masked_forward(module, mask: torch.Tensor):
@@ -77,8 +79,7 @@ def attach(arch: ArchMap, masks) -> int:
             if packed is None or lora_parts(module) is None:
                 continue
             weight = base_linear(module).weight
-            # stored in the adapter's dtype once, so the forward multiplies without a conversion
-            mask = unpack_mask(packed, weight.shape).to(weight.device, lora_parts(module)[0].dtype)
+            mask = unpack_mask(packed, weight.shape).to(weight.device)  # bool: one byte per weight
             module.forward = _masked_forward(module, mask)  # instance attribute: shadows the class forward
             module._efx_mask = mask
             count += 1
@@ -98,7 +99,7 @@ def fold(arch: ArchMap) -> None:
             A, B, scale = lora_parts(module)
             weight = base_linear(module).weight
             # W + M * (s B A): the LoRA-augmented weight where the mask keeps, W elsewhere
-            folded = torch.where(mask.bool(), effective_weight(weight, A, B, scale), weight.float())
+            folded = torch.where(mask, effective_weight(weight, A, B, scale), weight.float())
             weight.copy_(folded.to(weight.dtype))
             B.zero_()
             del module.forward

@@ -9,6 +9,7 @@ from __future__ import annotations
 import logging
 import time
 from dataclasses import asdict, dataclass, field
+from pathlib import Path
 
 import torch
 
@@ -196,7 +197,7 @@ CARRIED = ("scores", "masks")
 
 @torch.no_grad()
 def prune(model, calib, config: PruneConfig | None = None, *, memory: PruneMemory | None = None,
-          recorded=None, carry: tuple[str, ...] | str = CARRIED) -> PruneReport:
+          recorded=None, carry: tuple[str, ...] | str = CARRIED, work_dir: str | Path | None = None) -> PruneReport:
     """Prune every target of `model` (plain or peft-wrapped) to `config.sparsity`.
 
     Args:
@@ -213,6 +214,10 @@ def prune(model, calib, config: PruneConfig | None = None, *, memory: PruneMemor
             and the masked adapter read); one name alone may be passed as a string. What is not
             carried is dropped from `memory`, and its bytes are never written: a schedule passes
             less where the next call reads less.
+        work_dir: folder for the undo files: the original of every tensor the call changes is
+            written there before the change, so that a failure can restore it without a
+            model-sized copy in memory (None: the system's temporary folder). Removed when the
+            call ends, whether it succeeds or fails.
     Returns:
         PruneReport with per-module sparsity, overlap with the previous call's mask, and timings.
     """
@@ -238,7 +243,8 @@ def prune(model, calib, config: PruneConfig | None = None, *, memory: PruneMemor
         memory, carry = PruneMemory(scores=CarriedTensors(offload=False), masks=CarriedTensors(offload=False)), ()
     call = _Call(arch, config, memory, PruneReport(config=asdict(config), call=memory.calls + 1),
                  torch.Generator().manual_seed(config.seed * 1_000_003 + memory.calls),
-                 keep_scores=config.use_memory and "scores" in carry, keep_masks="masks" in carry)
+                 keep_scores=config.use_memory and "scores" in carry, keep_masks="masks" in carry,
+                 undo=CarriedTensors(offload=True, folder=work_dir))
     report = call.report
 
     def on_block(block, stats):
@@ -256,13 +262,17 @@ def prune(model, calib, config: PruneConfig | None = None, *, memory: PruneMemor
             for block in arch.blocks:
                 on_block(block, recorded.block_stats(block))
     except BaseException:
-        for target, saved in reversed(call.undo):
-            target.copy_(saved.to(target.device))
+        call.undo.commit()
+        for index, target in reversed(list(enumerate(call.changed))):
+            target.copy_(call.undo.get(str(index)).to(target.device))
         memory.scores.discard()
         memory.masks.discard()
         log.error("pruning failed; every modified weight was restored")
         raise
     finally:
+        log.info("pruning call %d: %.1f MB of undo files in %s (removed)", report.call,
+                 sum(t.numel() * t.element_size() for t in call.changed) / 2**20, call.undo.folder)
+        call.undo.close()
         efx_kernels.release_buffers()  # the CPU PBS buffers are for the calls of one pass
     for store, kept in ((memory.scores, call.keep_scores), (memory.masks, call.keep_masks)):
         if kept:
@@ -286,7 +296,8 @@ class _Call:
     generator: torch.Generator
     keep_scores: bool
     keep_masks: bool
-    undo: list[tuple[torch.Tensor, torch.Tensor]] = field(default_factory=list)
+    undo: CarriedTensors
+    changed: list[torch.Tensor] = field(default_factory=list)  # undo entry i is the original of changed[i]
 
 
 def _prune_module(call: _Call, block: BlockMap, role: str, stats: ModuleStats) -> None:
@@ -296,7 +307,8 @@ def _prune_module(call: _Call, block: BlockMap, role: str, stats: ModuleStats) -
     parts = lora_parts(module)
     A, B, scale = parts if parts is not None else (None, None, 0.0)
     for tensor in (weight,) + ((A, B) if parts else ()):
-        call.undo.append((tensor, tensor.detach().to("cpu", copy=True)))
+        call.undo.stage(str(len(call.changed)), tensor)
+        call.changed.append(tensor)
     nm = parse_pattern(config.pattern)
     sparsity = config.effective_sparsity
     merged = None  # the new W, when a solver forms it itself

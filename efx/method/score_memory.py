@@ -39,6 +39,17 @@ class CarriedTensors:
         self._root = Path(tempfile.mkdtemp(prefix="efx-calls-", dir=folder)) if offload else None
         self._generation = 0
 
+    @property
+    def folder(self) -> Path | None:
+        """The private folder of the files (None in RAM)."""
+        return self._root
+
+    def close(self) -> None:
+        """Forget every entry and remove the folder."""
+        self.clear()
+        if self._root is not None:
+            shutil.rmtree(self._root, ignore_errors=True)
+
     def __len__(self) -> int:
         return len(self._files if self.offload else self._ram)
 

@@ -8,6 +8,7 @@ one block's activations and statistics are alive at a time.
 from __future__ import annotations
 
 import logging
+import weakref
 from dataclasses import dataclass
 from typing import Callable
 
@@ -113,7 +114,7 @@ def all_reduce_stats(stats: dict[str, ModuleStats]) -> None:
     """Sum statistics over ranks so every rank scores, and masks, identically."""
     if not (torch.distributed.is_available() and torch.distributed.is_initialized()):
         return
-    for s in stats.values():
+    for s in {id(s): s for s in stats.values()}.values():  # targets that share an input share one entry
         counts = torch.tensor([s.tokens, s.sequences], dtype=torch.float64, device=s.sq_sum.device)
         torch.distributed.all_reduce(s.sq_sum)
         torch.distributed.all_reduce(counts)
@@ -158,13 +159,21 @@ def token_mask_for(mask: torch.Tensor | None, x: torch.Tensor) -> torch.Tensor |
 
 
 def _collect(block_map: BlockMap, states, batches: list[CalibBatch], hessian: bool) -> dict[str, ModuleStats]:
+    """Statistics of every target of one block over all batches. Targets that read the same input
+    tensor (q, k and v; gate and up) share one ModuleStats, so one Hessian per distinct input."""
     stats: dict[str, ModuleStats] = {}
-    current = {"mask": None, "sequences": 0}
+    current = {"mask": None, "sequences": 0, "last": None}
     handles = []
 
     def hook_for(role):
         def hook(module, args):
             x = args[0]
+            last = current["last"]
+            if last is not None and last[0]() is x:  # q, k, v (gate, up) read one tensor: one entry, one Hessian
+                stats.setdefault(role, stats[last[1]])
+                if stats[role] is stats[last[1]]:
+                    return
+            current["last"] = (weakref.ref(x), role)
             s = stats.get(role)
             if s is None:
                 n = x.shape[-1]

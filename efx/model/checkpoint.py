@@ -37,9 +37,14 @@ def save_sparse(model, folder: str | os.PathLike, tokenizer=None, *, overwrite: 
 
 
 def load_sparse(folder: str | os.PathLike, *, device: str | torch.device = "cpu"):
-    """Rebuild a model saved by `save_sparse`; returns (model, tokenizer or None)."""
+    """Rebuild a model saved by `save_sparse`; returns (model, tokenizer or None).
+
+    The model is built with its parameters on the meta device (no dense weight is ever allocated
+    or initialized); the packed targets and every other tensor are then taken from the file as
+    they are stored."""
+    from accelerate import init_empty_weights
     from safetensors import safe_open
-    from safetensors.torch import load_model
+    from safetensors.torch import load_file
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
     folder = Path(folder)
@@ -51,7 +56,8 @@ def load_sparse(folder: str | os.PathLike, *, device: str | torch.device = "cpu"
         raise ValueError(f"{folder} uses packed format v{manifest['format_version']}; this efx reads up to "
                          f"v{FORMAT_VERSION}")
     config = AutoConfig.from_pretrained(folder)
-    model = AutoModelForCausalLM.from_config(config)
+    with init_empty_weights(include_buffers=False):  # buffers such as rotary frequencies are computed, not stored
+        model = AutoModelForCausalLM.from_config(config)
     with safe_open(str(folder / WEIGHTS), framework="pt") as handle:
         keys = set(handle.keys())
         for name, cfg in manifest["modules"].items():
@@ -63,7 +69,15 @@ def load_sparse(folder: str | os.PathLike, *, device: str | torch.device = "cpu"
             module = SparseLoRALinear(packed, bias, r=cfg["r"], scale=cfg["scale"], dropout=cfg["dropout"])
             parent, child = _parent(model, name)
             setattr(parent, child, module)
-    load_model(model, str(folder / WEIGHTS), strict=True)
+    state = load_file(str(folder / WEIGHTS))
+    result = model.load_state_dict(state, strict=False, assign=True)
+    model.tie_weights()  # a tied head is stored once, under the embedding's name
+    unexpected = list(result.unexpected_keys)
+    missing = [n for n, p in model.named_parameters() if p.is_meta] + \
+        [n for n, b in model.named_buffers() if b.is_meta]
+    if missing or unexpected:
+        raise ValueError(f"{folder / WEIGHTS} does not match its config: missing {missing[:5]}, "
+                         f"unexpected {unexpected[:5]}")
     model.to(device).eval()
     tokenizer = AutoTokenizer.from_pretrained(folder) if (folder / "tokenizer_config.json").is_file() else None
     return model, tokenizer
