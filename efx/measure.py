@@ -65,9 +65,16 @@ def heap_in_use_bytes() -> int | None:
 
 @contextmanager
 def measure(record: dict, key: str, interval: float = 0.05):
-    """Record `{key: {"seconds", "peak_rss_mb", "peak_heap_in_use_mb"}}` for the body: wall time,
-    and the peaks seen by a sampling thread (every `interval` s, plus the start and the end) of
-    the RSS and of the bytes in use from malloc (None without glibc)."""
+    """Record `{key: {"seconds", "peak_rss_mb", "peak_heap_in_use_mb", "peak_cuda_mb"}}` for the
+    body: wall time, the peaks seen by a sampling thread (every `interval` s, plus the start and
+    the end) of the RSS and of the bytes in use from malloc (None without glibc), and, where CUDA
+    is used, the peak of `torch.cuda.max_memory_allocated` over the body (None otherwise)."""
+    import torch
+
+    cuda = torch.cuda.is_available()
+    if cuda:
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
     peak = [rss_bytes(), heap_in_use_bytes()]
     stop = threading.Event()
 
@@ -89,5 +96,8 @@ def measure(record: dict, key: str, interval: float = 0.05):
         stop.set()
         thread.join()
         sample()
+        if cuda:
+            torch.cuda.synchronize()
         record[key] = {"seconds": time.perf_counter() - start, "peak_rss_mb": peak[0] / 2**20,
-                       "peak_heap_in_use_mb": None if peak[1] is None else peak[1] / 2**20}
+                       "peak_heap_in_use_mb": None if peak[1] is None else peak[1] / 2**20,
+                       "peak_cuda_mb": torch.cuda.max_memory_allocated() / 2**20 if cuda else None}

@@ -42,7 +42,12 @@ class TrainSettings:
     n_examples: int = 240
     """Training examples drawn (seeded) from the suite's training pool; 0 = all."""
     batch_size: int = 8
-    """Examples per optimizer step."""
+    """Examples per forward on each device; an optimizer step takes batch_size * grad_accum of them."""
+    grad_accum: int = 1
+    """Forwards whose gradients are accumulated into one optimizer step."""
+    gradient_checkpointing: bool = False
+    """Recompute each block's activations in backward instead of keeping them (less memory, about
+    a third more time)."""
     learning_rate: float = 2e-4
     """Peak learning rate (linear decay)."""
     weight_decay: float = 0.01
@@ -139,6 +144,10 @@ def train_lora(model, tokenizer, examples: list[dict], *, lora: LoraSettings | N
 
     A model already wrapped by peft keeps its adapter. Returns (peft model, stats) with the
     Trainer's log history and the number of steps.
+
+    Precision follows the model: a bf16 (fp16) model trains with the Trainer's bf16 (fp16) autocast,
+    and peft keeps the LoRA factors in fp32 (its `autocast_adapter_dtype`), as peft and the
+    Trainer do by default; an fp32 model trains in fp32. The device is the model's.
     """
     from transformers import TrainingArguments, set_seed
 
@@ -149,13 +158,19 @@ def train_lora(model, tokenizer, examples: list[dict], *, lora: LoraSettings | N
         model = add_lora(model, lora, training.seed)
     data = CompletionDataset(tokenizer, training_subset(examples, training.n_examples, training.seed), system,
                              training.max_length)
+    base = next(model.parameters())
+    precision = {torch.bfloat16: {"bf16": True}, torch.float16: {"fp16": True}}.get(
+        next((p.dtype for p in model.parameters() if not p.requires_grad), base.dtype), {})
+    checkpointing = {"gradient_checkpointing": True, "gradient_checkpointing_kwargs": {"use_reentrant": False}} \
+        if training.gradient_checkpointing else {}
     with tempfile.TemporaryDirectory(prefix="efx-train-") as out:
         args = TrainingArguments(
             output_dir=out, num_train_epochs=training.epochs, per_device_train_batch_size=training.batch_size,
             learning_rate=training.learning_rate, weight_decay=training.weight_decay, lr_scheduler_type="linear",
             logging_steps=training.logging_steps, save_strategy="no", report_to=[], seed=training.seed,
             data_seed=training.seed, remove_unused_columns=False, dataloader_num_workers=0,
-            use_cpu=not torch.cuda.is_available(), **training.extra_args)
+            gradient_accumulation_steps=training.grad_accum, use_cpu=base.device.type == "cpu",
+            **precision, **checkpointing, **training.extra_args)
         trainer = _trainer_class()(model=model, args=args, train_dataset=data,
                           data_collator=pad_collate(tokenizer.pad_token_id), callbacks=list(callbacks))
         output = trainer.train()

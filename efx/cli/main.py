@@ -60,11 +60,16 @@ def build_parser() -> argparse.ArgumentParser:
                                                     "contractnli")
     e.add_argument("--eval-items", type=int, default=None, help="first N items of each task")
     e.add_argument("--output", default=None, help="write the result as JSON here")
+    e.add_argument("--dtype", default=None, help="float32, bfloat16 or float16 (default: the dtype the model was "
+                                                 "saved in; float32 for GGUF and the embedded model)")
+    e.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N (default: auto)")
     x = sub.add_parser("export", help="export a saved expert: dense-with-zeros HF folder and packed checkpoint")
     x.add_argument("--model", required=True, help="the expert's Hugging Face folder")
     x.add_argument("--output", required=True, help="folder to write")
     x.add_argument("--format", default="bitmap", help="packed format: bitmap, 2:4 or masked (default: bitmap)")
     x.add_argument("--overwrite", action="store_true", help="replace a non-empty output folder")
+    x.add_argument("--dtype", default=None, help="float32, bfloat16 or float16 (default: the dtype the expert was "
+                                                 "saved in)")
     c = sub.add_parser("compare", help="several efx run folders of one domain side by side, with retention vs "
                                        "sparsity per method",
                        description="Read report.json of every RUN folder and write compare.md, compare.json and, "
@@ -91,6 +96,8 @@ def _settings_from(args):
 
 
 def main(argv=None) -> int:
+    from efx.model.loading import ModelLoadError
+
     parser = build_parser()
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
@@ -106,7 +113,7 @@ def main(argv=None) -> int:
         elif args.command == "eval":
             from efx import evaluate, load_model, load_suite
             from efx.io import atomic_write_text
-            model, tokenizer = load_model(args.model)
+            model, tokenizer = load_model(args.model, dtype=args.dtype, device=args.device)
             suite = load_suite(args.domain, template=args.template) if args.template else load_suite(args.domain)
             result = evaluate(model, tokenizer, suite, max_items=args.eval_items)
             text = json.dumps(result, indent=2)
@@ -115,7 +122,9 @@ def main(argv=None) -> int:
             print(text)
         elif args.command == "export":
             from efx.cli.export import export
-            export(args.model, args.output, fmt=args.format, overwrite=args.overwrite)
+            audit = export(args.model, args.output, fmt=args.format, overwrite=args.overwrite, dtype=args.dtype)
+            print(f"exported to {args.output}: sparsity {audit['overall']:.4f} counted in the written files, "
+                  f"{audit['negative_zeros']} negative zeros")
         elif args.command == "compare":
             from efx.evaluation.compare import compare
             result = compare(args.runs, args.output, overwrite=args.overwrite)
@@ -124,7 +133,7 @@ def main(argv=None) -> int:
                 print("no method was run at two or more unstructured sparsities: no retention_vs_sparsity.png")
         elif args.command == "bench":
             return _bench(args)
-    except (ValueError, FileExistsError, FileNotFoundError) as err:
+    except (ValueError, FileExistsError, FileNotFoundError, ModelLoadError) as err:
         print(f"efx {args.command}: error: {err}", file=sys.stderr)
         return 2
     return 0

@@ -6,7 +6,6 @@ skips the stages already completed.
 """
 from __future__ import annotations
 
-import copy
 import gc
 import json
 import logging
@@ -16,12 +15,13 @@ import time
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 
+import torch
 
 from efx.data.suites import load_suite
 from efx.evaluation.evaluate import evaluate, retention
 from efx.io import atomic_folder, atomic_write_text, check_output_free
 from efx.measure import measure
-from efx.model.loading import load_model
+from efx.model.loading import check_trainable, load_model, resolve_device, resolve_dtype
 from efx.recipes import calibration_batches, prune_and_adapt, unload
 from efx.method.prune import FORESIGHT_METHODS, METHODS, PruneConfig
 from efx.method.schedule import STATISTICS
@@ -99,6 +99,20 @@ class RunSettings:
     """Also evaluate the untouched base model."""
     seed: int = 0
     """Seed of data sampling, adapter initialization and dropout."""
+    dtype: str = "float32"
+    """Parameter dtype of the model: float32, bfloat16 or float16 (float16 only on a GPU). The expert is saved
+    in it; in bfloat16/float16 the Trainer trains under autocast and peft keeps the LoRA factors in float32."""
+    device: str = "auto"
+    """auto (the first GPU when there is one, else the CPU), cpu, cuda or cuda:N."""
+    max_length: int = 128
+    """Tokens per training example (the prompt is cut from the left beyond it)."""
+    grad_accum: int = 1
+    """Forwards per optimizer step (a step takes --batch-size x --grad-accum examples)."""
+    gradient_checkpointing: bool = False
+    """Recompute activations in backward instead of keeping them (less memory, more time)."""
+    work_dir: str | None = None
+    """Folder for the files pruning writes (score memory, previous masks, undo); default: the system's temporary
+    folder. Removed when the run ends."""
     quick: bool = False
     """Set by --quick: a smoke run, whose figures show that the pipeline works, not what it retains."""
 
@@ -116,7 +130,10 @@ class RunSettings:
             raise ValueError("--pipeline applies to the baselines; EfficientXpert prunes inside training")
         if self.epochs < 2 and self.method in FORESIGHT_METHODS:
             raise ValueError("EfficientXpert needs --epochs >= 2 (epoch 1 is plain LoRA)")
-        for name in ("n_examples", "batch_size", "calib", "lora_r"):
+        check_trainable(resolve_dtype(self.dtype), resolve_device(self.device))
+        if self.work_dir is not None and Path(self.work_dir).exists() and not Path(self.work_dir).is_dir():
+            raise ValueError(f"--work-dir {self.work_dir} is a file, not a folder")
+        for name in ("n_examples", "batch_size", "calib", "lora_r", "max_length", "grad_accum"):
             if getattr(self, name) <= 0:
                 raise ValueError(f"--{name.replace('_', '-')} must be positive")
         if self.statistics not in ("auto", *STATISTICS):
@@ -154,7 +171,7 @@ class RunSettings:
         if self.callback_statistics != "training":
             return None
         if self.record_steps is None:
-            return math.ceil(self.calib / self.batch_size)
+            return math.ceil(self.calib / (self.batch_size * self.grad_accum))
         return self.record_steps or None
 
     def prune_config(self) -> PruneConfig:
@@ -167,7 +184,12 @@ class RunSettings:
 
     def training(self) -> TrainSettings:
         return TrainSettings(epochs=self.epochs, n_examples=self.n_examples, batch_size=self.batch_size,
-                             learning_rate=self.learning_rate, max_length=128, seed=self.seed)
+                             grad_accum=self.grad_accum, gradient_checkpointing=self.gradient_checkpointing,
+                             learning_rate=self.learning_rate, max_length=self.max_length, seed=self.seed)
+
+    def load(self, path=None):
+        """(model, tokenizer) of `path` (default: the settings' model) in the settings' dtype and device."""
+        return load_model(self.model if path is None else path, dtype=self.dtype, device=self.device)
 
 
 def load_settings(path: str | Path) -> dict:
@@ -217,6 +239,8 @@ def run(settings: RunSettings, output: str | Path, *, overwrite: bool = False, r
     settings.validate()
     output = Path(output)
     prepare_output(output, overwrite=overwrite, resume=resume)
+    if settings.work_dir is not None:
+        Path(settings.work_dir).mkdir(parents=True, exist_ok=True)
     stages = Stages(output)
     saved = stages.get("settings")
     if saved is not None and saved != asdict(settings):
@@ -225,7 +249,7 @@ def run(settings: RunSettings, output: str | Path, *, overwrite: bool = False, r
     started = time.perf_counter()
     record: dict = {}
     with measure(record, "load"):
-        model, tokenizer = load_model(settings.model)
+        model, tokenizer = settings.load()
         suite = load_suite(settings.domain, seed=settings.seed)
     eval_kwargs = {"max_items": settings.eval_items}
 
@@ -235,27 +259,32 @@ def run(settings: RunSettings, output: str | Path, *, overwrite: bool = False, r
             base_eval = evaluate(model, tokenizer, suite, **eval_kwargs)
         stages.put("base_eval", base_eval)
 
+    # The dense reference and the expert are never alive together: the reference trains on the
+    # loaded model and leaves only its scores; the expert trains on a fresh load.
     dense = stages.get("dense")
     if dense is None:
-        reference = copy.deepcopy(model)  # same weights as a second load, without reading the file again
         dense_record: dict = {}
         with measure(dense_record, "dense_train"):
-            reference, stats = train_lora(reference, tokenizer, suite.train, lora=settings.lora(),
-                                          training=settings.training(), system=suite.system)
+            model, stats = train_lora(model, tokenizer, suite.train, lora=settings.lora(),
+                                      training=settings.training(), system=suite.system)
         with measure(dense_record, "dense_eval"):
-            dense_eval = evaluate(reference, tokenizer, suite, **eval_kwargs)
+            dense_eval = evaluate(model, tokenizer, suite, **eval_kwargs)
         dense = {"eval": dense_eval, "measure": dense_record, "train_loss": stats["train_loss"]}
         stages.put("dense", dense)
-        del reference
-        gc.collect()
+        model = None
+        _free_memory()
     record.update(dense["measure"])
 
     expert_stage = stages.get("expert")
     if expert_stage is None or not (output / "expert" / "config.json").is_file():
+        if model is None:
+            model, _ = settings.load()
         expert_stage = _train_expert(model, tokenizer, suite, settings, output)
         stages.put("expert", expert_stage)
+    model = None
+    _free_memory()
+    expert, _ = settings.load(output / "expert")
     record.update(expert_stage["measure"])
-    expert, _ = load_model(output / "expert")
 
     expert_eval = stages.get("expert_eval")
     if expert_eval is None:
@@ -269,7 +298,7 @@ def run(settings: RunSettings, output: str | Path, *, overwrite: bool = False, r
         "base_eval": base_eval, "dense_eval": dense["eval"], "expert_eval": expert_eval,
         "retention": retention(expert_eval, dense["eval"], metric=HEADLINE_METRIC),
         "retention_raw": retention(expert_eval, dense["eval"], metric="accuracy"),
-        "sparsity": sparsity_audit(expert), "prune_calls": expert_stage.get("calls", []),
+        "sparsity": sparsity_audit(expert, output / "expert"), "prune_calls": expert_stage.get("calls", []),
         "statistics": settings.callback_statistics if settings.method in FORESIGHT_METHODS else None,
         "record_steps": settings.callback_record_steps if settings.method in FORESIGHT_METHODS else None,
         "packed": expert_stage.get("packed"),
@@ -281,6 +310,13 @@ def run(settings: RunSettings, output: str | Path, *, overwrite: bool = False, r
     write_report(report, output)
     log.info("report written to %s", output / "report.md")
     return report
+
+
+def _free_memory() -> None:
+    """Give back the memory of what was just dropped (the caller has set its last reference to None)."""
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
 
 
 def _train_expert(model, tokenizer, suite, settings: RunSettings, output: Path) -> dict:
@@ -300,6 +336,7 @@ def _train_expert(model, tokenizer, suite, settings: RunSettings, output: Path) 
             model, report = prune_and_adapt(model, tokenizer, suite.train, prune=settings.prune_config(),
                                             lora=settings.lora(), training=settings.training(), pipeline=pipeline,
                                             calib=calib, system=suite.system,
+                                            work_dir=settings.work_dir,
                                             callback_kwargs={"masked_adapter": settings.masked_adapter,
                                                              "statistics": settings.callback_statistics,
                                                              "record_steps": settings.callback_record_steps,

@@ -26,19 +26,47 @@ def versions() -> dict:
     return out
 
 
-def sparsity_audit(model, roles_only: bool = True) -> dict:
-    """Exact zeros of every target weight, read from the model itself (not from masks)."""
+def sparsity_audit(model, folder: str | os.PathLike | None = None) -> dict:
+    """Exact zeros of every target weight of `model`, counted in the safetensors files of `folder`
+    (what was saved) or, without a folder, in the model itself; never read from masks. Negative
+    zeros (-0.0) are counted apart: efx writes none, and some packers treat them as nonzeros."""
     from efx.model.arch import architecture_map, base_linear
     arch = architecture_map(model)
+    names = {f"{block.qualified(role)}.weight": (block.index, role)
+             for block in arch.blocks for role in block.targets}
+    if folder is None:
+        tensors = {f"{block.qualified(role)}.weight": base_linear(module).weight.detach()
+                   for block in arch.blocks for role, module in block.targets.items()}.items()
+    else:
+        tensors = _saved_tensors(Path(folder), names)
     modules = {}
-    for block in arch.blocks:
-        for role, module in block.targets.items():
-            w = base_linear(module).weight
-            zeros = int((w == 0).sum())
-            modules[block.qualified(role)] = {"block": block.index, "role": role, "zeros": zeros,
-                                              "total": w.numel(), "sparsity": zeros / w.numel()}
+    for name, w in tensors:
+        block, role = names[name]
+        zero = w == 0
+        modules[name.removesuffix(".weight")] = {
+            "block": block, "role": role, "zeros": int(zero.sum()), "negative_zeros": int((zero & w.signbit()).sum()),
+            "total": w.numel(), "sparsity": int(zero.sum()) / w.numel(), "dtype": str(w.dtype).replace("torch.", "")}
+    missing = sorted(n.removesuffix(".weight") for n in names if n.removesuffix(".weight") not in modules)
+    if missing:
+        raise ValueError(f"{folder}: no saved weight for the targets {missing[:3]}")
     total = sum(m["total"] for m in modules.values())
-    return {"overall": sum(m["zeros"] for m in modules.values()) / max(total, 1), "modules": modules}
+    return {"overall": sum(m["zeros"] for m in modules.values()) / max(total, 1),
+            "negative_zeros": sum(m["negative_zeros"] for m in modules.values()),
+            "counted_in": "saved files" if folder is not None else "memory", "modules": modules}
+
+
+def _saved_tensors(folder: Path, names):
+    """(name, tensor) of the wanted names, one tensor in memory at a time, from every
+    *.safetensors file of a saved Hugging Face folder."""
+    from safetensors import safe_open
+    files = sorted(folder.glob("*.safetensors"))
+    if not files:
+        raise FileNotFoundError(f"{folder} holds no .safetensors file to audit")
+    for path in files:
+        with safe_open(str(path), framework="pt") as handle:
+            for key in handle.keys():
+                if key in names:
+                    yield key, handle.get_tensor(key)
 
 
 def _fmt(value, digits=3):
@@ -101,9 +129,13 @@ def markdown(report: dict) -> str:
             lines.append(f"| {c['call']} | {c.get('when', '')} | {c['sparsity']:.4f} | {_fmt(c['mask_overlap'])} | "
                          f"{c['seconds']:.1f} |")
     cost = report["cost"]
-    lines += ["", "## Cost (same machine, same run)", "", "| stage | seconds | peak RSS (MB) |", "| --- | --- | --- |"]
+    gpu = any(m.get("peak_cuda_mb") is not None for m in report["measure"].values())
+    lines += ["", "## Cost (same machine, same run)", "",
+              "| stage | seconds | peak RSS (MB) |" + (" peak GPU allocated (MB) |" if gpu else ""),
+              "| --- | --- | --- |" + (" --- |" if gpu else "")]
     for stage, m in report["measure"].items():
-        lines.append(f"| {stage} | {m['seconds']:.1f} | {m['peak_rss_mb']:.0f} |")
+        lines.append(f"| {stage} | {m['seconds']:.1f} | {m['peak_rss_mb']:.0f} |" +
+                     (f" {_fmt(m.get('peak_cuda_mb'), 0)} |" if gpu else ""))
     lines += ["", f"Expert training vs dense LoRA training: time x{cost['time_ratio']:.3f}, "
                   f"peak RSS x{cost['memory_ratio']:.3f}.", "",
               "## Settings and versions", "", "```json", json.dumps({"settings": s, "versions": report["versions"],

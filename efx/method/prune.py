@@ -207,7 +207,7 @@ def prune(model, calib, config: PruneConfig | None = None, *, memory: PruneMemor
         config: the call's settings.
         memory: carried between the calls of a schedule (score memory, previous masks); a call
             without it keeps nothing.
-        recorded: an `efx.activation_recorder.ActivationRecorder` attached to `model`: take the
+        recorded: an `efx.method.recorder.ActivationRecorder` attached to `model`: take the
             statistics it recorded during training instead of running a calibration pass.
         carry: what this call leaves in `memory` for the next one: "scores" (its blended scores,
             with `config.use_memory`) and "masks" (its keep-masks, which the next call's overlap

@@ -12,7 +12,7 @@ from efx.method import masked_adapter
 from efx.method.recorder import ActivationRecorder
 from efx.model.arch import architecture_map
 from efx.method.prune import CARRIED, PruneConfig, prune
-from efx.method.score_memory import PruneMemory
+from efx.method.score_memory import CarriedTensors, PruneMemory
 
 log = logging.getLogger(__name__)
 
@@ -48,11 +48,14 @@ class EfficientXpertCallback(TrainerCallback):
             time in every forward it runs in; the last steps also see the weights nearest the call.
             Where the epoch length is unknown (a training set without a length), every step of the
             epoch schedule is recorded.
+        work_dir: folder for the files the calls write (score memory, previous masks, undo); None:
+            the system's temporary folder. Removed at train end.
     """
 
     def __init__(self, calib, config: PruneConfig | None = None, *, schedule: str = "epoch",
                  every_steps: int | None = None, reset_optimizer: bool = False, masked_adapter: bool = False,
-                 statistics: str = "calibration", prune_at_start: bool = False, record_steps: int | None = None):
+                 statistics: str = "calibration", prune_at_start: bool = False, record_steps: int | None = None,
+                 work_dir=None):
         if schedule not in ("epoch", "steps"):
             raise ValueError(f"schedule {schedule!r}: expected 'epoch' or 'steps'")
         if schedule == "steps" and not every_steps:
@@ -83,7 +86,8 @@ class EfficientXpertCallback(TrainerCallback):
         self.record_steps = record_steps
         self._epoch_end: int | None = None  # global step at which the current epoch ends
         self.recorder: ActivationRecorder | None = None
-        self.memory = PruneMemory()
+        self.work_dir = work_dir
+        self.memory = PruneMemory(CarriedTensors(folder=work_dir), CarriedTensors(folder=work_dir))
         self.reports: list[dict] = []
 
     def _call(self, model, optimizer, config: PruneConfig, when: str, final: bool = False,
@@ -95,7 +99,8 @@ class EfficientXpertCallback(TrainerCallback):
         masked_adapter.fold(arch)  # no-op unless the adapter is masked
         recorded = self.recorder if self.recorder is not None and self.recorder.tokens else None
         carry = () if final else (CARRIED if another_follows else ("masks",))
-        report = prune(model, self.calib, config, memory=self.memory, recorded=recorded, carry=carry)
+        report = prune(model, self.calib, config, memory=self.memory, recorded=recorded, carry=carry,
+                       work_dir=self.work_dir)
         if self.recorder is not None:
             self.recorder.reset()
         if self.masked_adapter and not final:
@@ -153,4 +158,6 @@ class EfficientXpertCallback(TrainerCallback):
             if self.recorder is not None:
                 self.recorder.remove()
                 self.recorder = None
+            self.memory.scores.close()
+            self.memory.masks.close()
         model.eval()

