@@ -3,6 +3,7 @@ bad options failing before any work, export and eval."""
 import json
 
 import pytest
+import torch
 
 from conftest import char_tokenizer, tiny_model
 from efx.cli.main import main
@@ -68,7 +69,9 @@ def test_run_writes_expert_report_and_plots(tiny_setup, capsys):
     (["--prune-at-start", "--method", "dense"], "--prune-at-start applies to"),
     (["--reset-optimizer", "--method", "sparsegpt"], "--reset-optimizer applies to"),
     (["--obs-update", "--method", "magnitude"], "--obs-update applies to"),
-])
+    (["--dtype", "float16", "--device", "cpu"], "cannot train on a CPU"), (["--dtype", "half"], "--dtype"),
+    (["--device", "tpu"], "--device"), (["--max-length", "0"], "--max-length"), (["--grad-accum", "0"], "--grad-accum"),
+] + ([(["--device", "cuda"], "no CUDA device")] if not torch.cuda.is_available() else []))
 def test_bad_options_fail_before_any_work(tiny_setup, extra, message, capsys):
     tmp_path, args = tiny_setup
     out = tmp_path / "never"
