@@ -58,3 +58,19 @@ def test_results_page_is_generated_from_the_result_files(tmp_path, monkeypatch):
     (copy / "pbs_speed.json").write_text(json.dumps(speed))
     monkeypatch.setattr(render, "RESULTS", copy)
     assert render.main(["--check"]) == 1
+
+
+def test_scale_benchmark_measures_a_call_and_writes_its_row(tmp_path):
+    """One case of benchmarks/scale.py end to end (its own process, a 2-layer narrow model)."""
+    import json
+    import subprocess
+    import sys
+    script = Path(__file__).parent.parent / "benchmarks" / "scale.py"
+    done = subprocess.run([sys.executable, str(script), "--cases", "call:narrow:2", "--output", str(tmp_path)],
+                          capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    result = json.loads((tmp_path / "scale_cpu.json").read_text())
+    row = result["rows"][0]
+    assert row["case"] == "call:narrow:2" and row["layer_target_mb"] == 26.0  # 13.6 M bf16 target weights a layer
+    assert row["call_seconds"] > 0 and row["extra_peak_rss_mb"] > 0
+    assert result["extrapolation"]["plan_gb"]["total"] > result["extrapolation"]["plan_gb"]["model"]

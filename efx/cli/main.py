@@ -81,7 +81,8 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--output", default="benchmarks/results", help="folder for the results")
     b.add_argument("--only", nargs="+", default=None,
                    help="some of: pbs (seconds), kernels (minutes), overhead (about 15 minutes on 2 CPU cores), "
-                        "retention (hours on a CPU; resumes where it stopped). Default: all four, in that order")
+                        "scale (about 15 minutes and 10 GB of RAM), retention (hours on a CPU; resumes where it "
+                        "stopped). Default: all five, in that order")
     return parser
 
 
@@ -157,7 +158,7 @@ def _bench(args) -> int:
     root = Path(__file__).resolve().parents[2] / "benchmarks"
     scripts = {"pbs": [["pbs_speed.py"]], "kernels": [["kernel_bench.py"]],
                "overhead": [["overhead.py", "--repeats", "1"], ["step_overhead.py"]],
-               "retention": [["domain_retention.py"]]}
+               "scale": [["scale.py"]], "retention": [["domain_retention.py"]]}
     chosen = args.only or list(scripts)
     for name in chosen:
         if name not in scripts:

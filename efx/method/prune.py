@@ -279,6 +279,10 @@ def prune(model, calib, config: PruneConfig | None = None, *, memory: PruneMemor
             store.commit()
         else:
             store.clear()
+    if call.keep_scores or call.keep_masks:
+        log.info("pruning call %d carries %.1f MB to the next call (%s)", report.call,
+                 (memory.scores.nbytes + memory.masks.nbytes) / 2**20,
+                 memory.scores.folder or "in memory")
     memory.calls += 1
     report.seconds = time.perf_counter() - started
     log.info("pruning call %d: sparsity %.4f in %.1f s", report.call, report.sparsity, report.seconds)
@@ -322,6 +326,7 @@ def _prune_module(call: _Call, block: BlockMap, role: str, stats: ModuleStats) -
         if call.keep_scores:
             memory.scores.stage(name, score.to(torch.bfloat16))
         keep = select_keep_mask(score, sparsity, config.pattern, config.granularity)
+        del score, prev  # 4 + 2 bytes per weight that the merge below does not need
     elif config.method == "sparsegpt":
         merged, keep = baselines.sparsegpt(efx_kernels.effective_weight(weight, A, B, scale), stats.hessian,
                                            sparsity, config.pattern, config.sparsegpt_block, config.sparsegpt_damp)
@@ -330,6 +335,7 @@ def _prune_module(call: _Call, block: BlockMap, role: str, stats: ModuleStats) -
         score = baselines.magnitude_score(U) if config.method == "magnitude" else \
             baselines.wanda_score(U, stats.act_sq, stats.tokens)
         keep = select_keep_mask(score, sparsity, config.pattern, config.granularity)
+        del U, score
 
     if merged is None and config.obs_update:  # validate() allows it for the ForeSight methods only
         merged, keep = baselines.sparsegpt(efx_kernels.effective_weight(weight, A, B, scale),
@@ -340,7 +346,8 @@ def _prune_module(call: _Call, block: BlockMap, role: str, stats: ModuleStats) -
             B = _pbs_update(weight, A, B, scale, keep, stats, config)
         # x * 0 is -0.0 for negative x: adding +0.0 makes every pruned weight exactly +0.0
         merged = efx_kernels.effective_weight(weight, A, B, scale).mul_(keep.view(torch.uint8)).add_(0.0)
-    weight.copy_(merged.to(weight.dtype))
+    weight.copy_(merged)  # converts to W's dtype without a second copy
+    del merged
     if parts is not None:
         reset_lora(parts[0], parts[1], call.generator)
     kept = int(keep.count_nonzero())

@@ -44,6 +44,13 @@ class CarriedTensors:
         """The private folder of the files (None in RAM)."""
         return self._root
 
+    @property
+    def nbytes(self) -> int:
+        """Bytes of the committed entries (in files or in RAM)."""
+        if not self.offload:
+            return sum(t.numel() * t.element_size() for t in self._ram.values())
+        return sum(e.path.stat().st_size for e in self._files.values())
+
     def close(self) -> None:
         """Forget every entry and remove the folder."""
         self.clear()
