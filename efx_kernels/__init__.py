@@ -3,13 +3,13 @@ holding its Triton kernels, their launch wrappers and a torch reference; `dispat
 picks the path.
 
 - act_stats: column second moments of activations (and E[x x^T]);
-- foresight_score: the fused ForeSight score and N:M keep-masks;
+- foresight: the fused ForeSight score and N:M keep-masks;
 - pbs: batched Partial Brain Surgeon updates;
 - sparse_lora: the packed-base + LoRA matmul with autograd; formats: its packed formats.
 """
 from efx_kernels.act_stats import accumulate_act_sq, accumulate_hessian
 from efx_kernels.dispatch import triton_available, use_triton
-from efx_kernels.foresight_score import foresight_nm_keep_mask, foresight_score, nm_keep_mask
+from efx_kernels.foresight import foresight_nm_keep_mask, foresight_score, nm_keep_mask
 from efx_kernels.formats import FORMATS, PackedWeight, pack
 from efx_kernels.lora import effective_weight
 from efx_kernels.pbs import hessian_pbs_delta, pbs_delta_general, pbs_delta_keep1, release_buffers

@@ -100,7 +100,7 @@ def foresight_score(arch: ArchMap, block: BlockMap, role: str, stats: ModuleStat
                     prev: torch.Tensor | None = None, eta: float = 1.0) -> torch.Tensor:
     """I = |U| * stat_j * f for one target, blended with `prev` as eta*I + (1-eta)*prev (fp32)."""
     inputs = score_inputs(arch, block, role, stats, preset)
-    return efx_kernels.foresight_score(**inputs, prev=None if prev is None else prev.to(inputs["W"].device),
+    return efx_kernels.foresight(**inputs, prev=None if prev is None else prev.to(inputs["W"].device),
                                        eta=eta if prev is not None else 1.0)
 
 
