@@ -30,7 +30,7 @@ test-fast: install
 	TRITON_INTERPRET=1 $(BIN)/python -m pytest -q -m "not real_model and not ddp" tests
 
 bench: install
-	$(BIN)/efx bench --only pbs kernels  # the quick ones; `efx bench` alone runs all five
+	$(BIN)/efx bench --only pbs kernels  # the quick ones; `efx bench` alone runs all six
 
 clean:
 	rm -rf $(VENV) build *.egg-info .pytest_cache

@@ -79,7 +79,7 @@ def bench_pruning(device, dtype, shape=(4096, 14336), r=16) -> list[dict]:
     elt = W.element_size()
     for eta, prev_arg in ((1.0, None), (0.5, prev)):
         nbytes = m * n * (elt + 4) + (m * n * 2 if prev_arg is not None else 0)
-        ms = timer(lambda: efx_kernels.foresight(W, A, B, 2.0, stat, row_factor=row, prev=prev_arg, eta=eta))
+        ms = timer(lambda: efx_kernels.foresight_score(W, A, B, 2.0, stat, row_factor=row, prev=prev_arg, eta=eta))
         ms_ref = timer(lambda: foresight_score_reference(W, A, B, 2.0, stat, row, None, prev_arg, eta))
         rows.append({"op": "foresight_score", "shape": [m, n], "r": r, "eta": eta,
                      **bandwidth(nbytes, ms), "reference_ms": ms_ref, "speedup_vs_reference": ms_ref / ms})

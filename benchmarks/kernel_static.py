@@ -213,15 +213,18 @@ def compile_case(case: Case, arch: str) -> dict:
         return record
     record["compile_seconds"] = time.perf_counter() - started
     with tempfile.TemporaryDirectory() as tmp:
-        cubin = Path(tmp) / "k.cubin"
+        cubin, ptx = Path(tmp) / "k.cubin", Path(tmp) / "k.ptx"
         cubin.write_bytes(compiled.asm["cubin"])
-        usage = subprocess.run([_tool("cuobjdump"), "--dump-resource-usage", str(cubin)], capture_output=True,
-                               text=True).stdout
+        ptx.write_text(compiled.asm["ptx"])
+        ptxas = _tool("ptxas-blackwell" if capability >= 90 else "ptxas")
+        gpu = f"sm_{capability}a" if capability == 90 else f"sm_{capability}"
+        usage = subprocess.run([ptxas, "-v", f"--gpu-name={gpu}", str(ptx), "-o", str(Path(tmp) / "v.cubin")],
+                               capture_output=True, text=True).stderr
         sass = subprocess.run([_tool("nvdisasm"), "-c", str(cubin)], capture_output=True, text=True).stdout
-    regs = re.search(r"REG:(\d+)", usage)
-    local = re.search(r"LOCAL:(\d+)", usage)
+    regs = re.search(r"Used (\d+) registers", usage)
+    spills = re.search(r"(\d+) bytes spill stores, (\d+) bytes spill loads", usage)
     record["regs"] = int(regs.group(1)) if regs else None
-    record["spill_bytes"] = int(local.group(1)) if local else None  # local memory per thread: spills
+    record["spill_bytes"] = max(int(spills.group(1)), int(spills.group(2))) if spills else None
     record["smem_bytes"] = compiled.metadata.shared
     record["smem_ok"] = compiled.metadata.shared <= SMEM_LIMIT[arch]
     threads = 32 * case.config["num_warps"]
@@ -262,17 +265,21 @@ def main_loop_instructions(sass: str) -> int | None:
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--arch", default="sm_90", choices=sorted(SMEM_LIMIT))
-    parser.add_argument("--output", default=None, help="JSON file (default: benchmarks/results/kernel_static_ARCH.json)")
+    parser.add_argument("--output", default=None, help="JSON file, or a folder for kernel_static_ARCH.json "
+                                                       "(default: benchmarks/results/)")
     parser.add_argument("--subset", action="store_true", help="one case per kernel and tile family (seconds)")
     parser.add_argument("--dtypes", nargs="+", default=list(DTYPES), choices=list(DTYPES))
+    parser.add_argument("--ranks", nargs="+", type=int, default=list(RANKS))
     args = parser.parse_args(argv)
     sys.path.insert(0, str(ROOT))
     os.environ.setdefault("TRITON_DEFAULT_FP_FUSION", "1")
     os.environ.pop("TRITON_INTERPRET", None)
     dtypes = args.dtypes if not args.subset else ["bfloat16"]
-    ranks = RANKS if not args.subset else (16,)
+    ranks = tuple(args.ranks) if not args.subset else (16,)
     cases = matmul_cases(dtypes, ranks, args.subset) + pruning_cases(dtypes, ranks, args.subset)
-    output = Path(args.output or ROOT / "benchmarks" / "results" / f"kernel_static_{args.arch.replace('_', '')}.json")
+    output = Path(args.output or ROOT / "benchmarks" / "results")
+    if output.suffix != ".json":
+        output = output / f"kernel_static_{args.arch.replace('_', '')}.json"
     from efx.io import atomic_write_text
     import triton
     result = {"benchmark": "kernel_static", "arch": args.arch, "triton": triton.__version__,

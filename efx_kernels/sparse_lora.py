@@ -170,13 +170,21 @@ def _tile_configs() -> list:
     return [triton.Config({"BLOCK_M": bm, "BLOCK_ROWS": br}, num_warps=warps, num_stages=3) for bm, br, warps in tiles]
 
 
+# (BLOCK_M, BLOCK_ROWS, warps) whose 2:4 decode spills registers on sm_90 at bf16, r 16 (255
+# registers, 24-792 bytes of spills: benchmarks/kernel_static.py, docs/results.md)
+SPILLING_24 = {(16, 128, 4), (32, 64, 4), (64, 128, 8)}
+
+
 def prune_tile_configs(configs, named_args, **kwargs) -> list:
-    """Drop configs that cannot win or cannot run: bitmap tiles are 16 rows high, and a token
-    tile larger than the bucket only computes padding."""
+    """Drop configs that cannot win or cannot run: bitmap tiles are 16 rows high, a token tile
+    larger than the bucket only computes padding, and the 2:4 configs of SPILLING_24 spill."""
     bucket = named_args.get("m_bucket", kwargs.get("m_bucket", 16))
-    bitmap = kwargs.get("FORMAT", named_args.get("FORMAT")) == FORMAT_IDS["bitmap"]
+    fmt = kwargs.get("FORMAT", named_args.get("FORMAT"))
+    bitmap = fmt == FORMAT_IDS["bitmap"]
     kept = [c for c in configs if c.kwargs["BLOCK_M"] <= max(16, bucket)
-            and (c.kwargs["BLOCK_ROWS"] == TILE_ROWS if bitmap else c.kwargs["BLOCK_ROWS"] >= 32)]
+            and (c.kwargs["BLOCK_ROWS"] == TILE_ROWS if bitmap else c.kwargs["BLOCK_ROWS"] >= 32)
+            and not (fmt == FORMAT_IDS["2:4"] and
+                     (c.kwargs["BLOCK_M"], c.kwargs["BLOCK_ROWS"], c.num_warps) in SPILLING_24)]
     return kept or configs[:1]
 
 

@@ -74,7 +74,7 @@ def test_foresight_score(dtype, m, n, r, eta):
     W, A, B, stat = score_case(m, n, r, dtype)
     row = rand(m, seed=7).abs()
     prev = rand(m, n, seed=8).abs()
-    got = efx_kernels.foresight(W, A, B, 2.0, stat, row_factor=row, prev=prev, eta=eta)
+    got = efx_kernels.foresight_score(W, A, B, 2.0, stat, row_factor=row, prev=prev, eta=eta)
     want = foresight_score_reference(W, A, B, 2.0, stat, row, None, prev, eta)
     torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
 
@@ -84,7 +84,7 @@ def test_foresight_score_column_factors(groups):
     import efx_kernels
     W, A, B, stat = score_case(12, 20, 4, torch.float32)
     col = rand(groups, 20, seed=9).abs() if groups > 1 else rand(20, seed=9).abs()
-    got = efx_kernels.foresight(W, A, B, 0.5, stat, col_factor=col, out_dtype=torch.bfloat16)
+    got = efx_kernels.foresight_score(W, A, B, 0.5, stat, col_factor=col, out_dtype=torch.bfloat16)
     want = foresight_score_reference(W, A, B, 0.5, stat, None, col, None, 1.0, torch.bfloat16)
     assert got.dtype == torch.bfloat16
     torch.testing.assert_close(got, want)

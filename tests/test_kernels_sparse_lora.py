@@ -93,13 +93,15 @@ def test_leading_dims_and_shape_errors():
 
 
 def test_autotune_configs_fit_the_format_and_bucket():
-    from efx_kernels.sparse_lora import FORMAT_IDS, _tile_configs, m_bucket, prune_tile_configs
+    from efx_kernels.sparse_lora import FORMAT_IDS, SPILLING_24, _tile_configs, m_bucket, prune_tile_configs
     assert [m_bucket(t) for t in (1, 16, 17, 64, 300, 5000)] == [16, 16, 32, 64, 512, 1024]
     configs = _tile_configs()
     decode_bitmap = prune_tile_configs(configs, {"m_bucket": 16}, FORMAT=FORMAT_IDS["bitmap"])
     assert decode_bitmap and all(c.kwargs == {"BLOCK_M": 16, "BLOCK_ROWS": 16} for c in decode_bitmap)
     prefill_24 = prune_tile_configs(configs, {"m_bucket": 1024}, FORMAT=FORMAT_IDS["2:4"])
-    assert {c.kwargs["BLOCK_M"] for c in prefill_24} == {16, 32, 64, 128}
+    assert {c.kwargs["BLOCK_M"] for c in prefill_24} == {16, 64, 128}  # the 32-row tiles of 2:4 spill
+    assert not any((c.kwargs["BLOCK_M"], c.kwargs["BLOCK_ROWS"], c.num_warps) in SPILLING_24
+                   for bucket in (16, 1024) for c in prune_tile_configs(configs, {"m_bucket": bucket}, FORMAT=1))
     assert all(c.kwargs["BLOCK_M"] == 16 for c in prune_tile_configs(configs, {"m_bucket": 16}, FORMAT=1))
     assert all(c.kwargs["BLOCK_ROWS"] >= 32 and c.kwargs["BLOCK_M"] * c.kwargs["BLOCK_ROWS"] <= 8192
                for c in prefill_24)

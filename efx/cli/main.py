@@ -80,9 +80,10 @@ def build_parser() -> argparse.ArgumentParser:
     b = sub.add_parser("bench", help="run the benchmarks and write JSON (and the retention table) into --output")
     b.add_argument("--output", default="benchmarks/results", help="folder for the results")
     b.add_argument("--only", nargs="+", default=None,
-                   help="some of: pbs (seconds), kernels (minutes), overhead (about 15 minutes on 2 CPU cores), "
+                   help="some of: pbs (seconds), kernels (minutes), static (the kernels compiled for sm_90 "
+                        "without a GPU: registers, spills, shared memory, SASS; about 40 minutes cold), overhead (about 15 minutes on 2 CPU cores), "
                         "scale (about 15 minutes and 10 GB of RAM), retention (hours on a CPU; resumes where it "
-                        "stopped). Default: all five, in that order")
+                        "stopped). Default: all six, in that order")
     return parser
 
 
@@ -156,7 +157,7 @@ def summary_line(report: dict) -> str:
 def _bench(args) -> int:
     import subprocess
     root = Path(__file__).resolve().parents[2] / "benchmarks"
-    scripts = {"pbs": [["pbs_speed.py"]], "kernels": [["kernel_bench.py"]],
+    scripts = {"pbs": [["pbs_speed.py"]], "kernels": [["kernel_bench.py"]], "static": [["kernel_static.py"]],
                "overhead": [["overhead.py", "--repeats", "1"], ["step_overhead.py"]],
                "scale": [["scale.py"]], "retention": [["domain_retention.py"]]}
     chosen = args.only or list(scripts)

@@ -100,7 +100,7 @@ def foresight_score(arch: ArchMap, block: BlockMap, role: str, stats: ModuleStat
                     prev: torch.Tensor | None = None, eta: float = 1.0) -> torch.Tensor:
     """I = |U| * stat_j * f for one target, blended with `prev` as eta*I + (1-eta)*prev (fp32)."""
     inputs = score_inputs(arch, block, role, stats, preset)
-    return efx_kernels.foresight(**inputs, prev=None if prev is None else prev.to(inputs["W"].device),
+    return efx_kernels.foresight_score(**inputs, prev=None if prev is None else prev.to(inputs["W"].device),
                                        eta=eta if prev is not None else 1.0)
 
 
@@ -143,12 +143,14 @@ def _keep_all_but_lowest(score: torch.Tensor, k: int) -> torch.Tensor:
         return torch.ones_like(score, dtype=torch.bool)
     threshold = _kth_smallest(score, k)
     pruned = score <= threshold
-    if not bool((pruned.count_nonzero(1) == k).all()):  # ties at the threshold: prune the last ones only
-        below = score < threshold
-        at = score == threshold
+    tied = (pruned.count_nonzero(1) != k).nonzero().flatten()
+    if tied.numel():  # ties at the threshold in these rows: prune the last ones only
+        rows, limit = score[tied], threshold[tied]
+        below, at = rows < limit, rows == limit
         need = k - below.sum(1, keepdim=True)
-        from_the_right = at.flip(1).cumsum(1).flip(1)
-        pruned = below | (at & (from_the_right <= need))
+        counts = torch.int16 if rows.shape[1] < 2**15 else torch.int64  # the running count of a row fits
+        from_the_right = at.flip(1).cumsum(1, dtype=counts).flip(1)
+        pruned[tied] = below | (at & (from_the_right <= need))
     return ~pruned
 
 

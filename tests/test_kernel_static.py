@@ -1,0 +1,61 @@
+"""The static cost check: kernels compiled for an H200 (sm_90) on this machine, without a GPU."""
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from efx_kernels.dispatch import triton_available
+
+SCRIPT = Path(__file__).parent.parent / "benchmarks" / "kernel_static.py"
+
+
+def load_script():
+    import importlib.util
+    spec = importlib.util.spec_from_file_location("kernel_static", SCRIPT)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules["kernel_static"] = module  # its dataclasses resolve their module there
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.mark.skipif(not triton_available(), reason="Triton is not installed")
+def test_every_kernel_compiles_for_sm90_and_kept_configs_neither_spill_nor_overflow(tmp_path):
+    """A subset (bf16, r 16, one kept config per kernel and tile family): a compile error, a spill or
+    shared memory over 227 KB in a kept config makes the check exit 1."""
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    out = tmp_path / "static.json"
+    done = subprocess.run([sys.executable, str(SCRIPT), "--arch", "sm_90", "--subset", "--output", str(out)],
+                          capture_output=True, text=True, timeout=600, env=env)
+    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
+    records = json.loads(out.read_text())["records"]
+    kernels = {r["kernel"] for r in records}
+    assert kernels == {"forward", "grad_input", "act_sq", "foresight_score", "foresight_nm_keep_mask", "pbs_rhs",
+                       "pbs_row_solve"}
+    assert {r["format"] for r in records if r["kernel"] == "forward"} == {"masked", "2:4", "bitmap"}
+    for r in records:
+        assert "error" not in r and r["regs"] > 0 and r["spill_bytes"] == 0 and r["smem_ok"], r
+        assert r["instructions_per_weight"] > 0
+    assert all(r["tensor_core"] for r in records if r["kernel"] in ("forward", "grad_input"))
+
+
+def test_main_loop_is_the_largest_backward_branch():
+    sass = """
+        /*0000*/                   MOV R1, c[0x0][0x28] ;
+.L_x_0:
+        /*0010*/                   LDG.E R2, desc[UR4][R4.64] ;
+        /*0020*/                   FFMA R3, R2, R2, R3 ;
+        /*0030*/              @P0 BRA `(.L_x_0) ;
+.L_x_1:
+        /*0040*/                   LDG.E R2, desc[UR4][R4.64] ;
+        /*0050*/                   FFMA R3, R2, R2, R3 ;
+        /*0060*/                   IADD3 R4, R4, 0x4, RZ ;
+        /*0070*/                   ISETP.GE.AND P0, PT, R4, R5, PT ;
+        /*0080*/              @!P0 BRA `(.L_x_1) ;
+        /*0090*/                   EXIT ;
+"""
+    static = load_script()
+    assert static.main_loop_instructions(sass) == 5
+    assert static.count_instructions(sass) == 10
