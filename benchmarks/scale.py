@@ -112,7 +112,6 @@ def write_domain(folder: Path) -> None:
 
 
 def run_case(shape: str, layers: int, dtype, device) -> dict:
-    import torch
     sys.path.insert(0, str(ROOT / "tests"))
     from conftest import char_tokenizer
     from efx.cli.run import RunSettings, run

@@ -10,11 +10,9 @@ import pytest
 import torch
 
 from conftest import tiny_model
-from efx.method.foresight import select_keep_mask
 from efx.method.prune import PruneConfig, prune
 from efx.model.arch import architecture_map, base_linear, lora_parts
 from efx.model.sparse_linear import SparseLoRALinear
-from efx.training import LoraSettings, add_lora
 from test_calibration_and_prune import lora_model, padded_calib
 
 Q0 = "model.layers.0.self_attn.q_proj"
