@@ -28,6 +28,8 @@ PEAK_BYTES_PER_S = {"H200": 4.8e12, "H100": 3.35e12}
 LLAMA3_8B = [(4096, 4096), (14336, 4096), (4096, 14336)]
 EMBEDDED = [(576, 576), (1536, 576), (576, 1536)]
 TOKENS = [1, 8, 16, 64, 256, 2048]
+GPU_TOKENS = [1, 4, 16, 2048]  # decode and prefill, the token counts the targets are stated for
+STATIC = Path(__file__).resolve().parent / "results" / "kernel_static_sm90.json"
 
 
 def timer(fn) -> float:
@@ -137,6 +139,36 @@ def bench_matmul(device, dtype, shapes, tokens, r=16) -> list[dict]:
     return rows
 
 
+def bench_configs(device, dtype, shape=(14336, 4096), tokens=(1, 16, 2048), r=16) -> list[dict]:
+    """Every config the autotuner keeps, timed with its tiles fixed, beside the static check's
+    record of the same config (registers, spills, instructions per weight) and the autotuned call."""
+    from efx_kernels import sparse_lora as sl
+    static = json.loads(STATIC.read_text())["records"] if STATIC.is_file() else []
+    m, n = shape
+    W = torch.randn(m, n, device=device, dtype=dtype) * 0.02
+    A = torch.randn(r, n, device=device, dtype=dtype) * 0.01
+    B = torch.randn(m, r, device=device, dtype=dtype) * 0.01
+    rows = []
+    for fmt, pattern in (("masked", "unstructured"), ("2:4", "2:4"), ("bitmap", "unstructured")):
+        keep = masks(m, n, 0.5, device, pattern)
+        packed = pack(W * keep, keep, fmt)
+        for M in tokens:
+            x = torch.randn(M, n, device=device, dtype=dtype)
+            xa = 2.0 * (x @ A.T)
+            tuned = timer(lambda: sl.fused_forward(x, packed, xa, B, None))
+            kept = sl.prune_tile_configs(sl._tile_configs(), {"m_bucket": sl.m_bucket(M)}, FORMAT=sl.FORMAT_IDS[fmt])
+            for config in kept:
+                tiles = {**config.kwargs, "num_warps": config.num_warps, "num_stages": config.num_stages}
+                ms = timer(lambda: sl.fused_forward(x, packed, xa, B, None, tiles=tiles))
+                record = next((s for s in static if s["kernel"] == "forward" and s["format"] == fmt
+                               and s["tokens"] == M and s["rank"] == r and s["dtype"] == str(dtype).split(".")[-1]
+                               and s["config"] == tiles), {})
+                rows.append({"format": fmt, "tokens": M, "config": tiles, "ms": ms, "autotuned_ms": tuned,
+                             **{k: record.get(k) for k in ("regs", "spill_bytes", "smem_bytes",
+                                                            "instructions_per_weight")}})
+    return rows
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--output", default="benchmarks/results")
@@ -149,8 +181,10 @@ def main() -> None:
               "versions": versions(), "command": " ".join(["python"] + sys.argv)}
     if cuda:
         result["pruning"] = bench_pruning(device, dtype)
-        shapes = LLAMA3_8B[:1] if args.quick else LLAMA3_8B + EMBEDDED
-        result["matmul"] = bench_matmul(device, dtype, shapes, [1, 16, 2048] if args.quick else TOKENS)
+        shapes = LLAMA3_8B[:1] if args.quick else LLAMA3_8B
+        result["matmul"] = bench_matmul(device, dtype, shapes, [1, 16, 2048] if args.quick else GPU_TOKENS)
+        atomic_write_text(Path(args.output) / "kernels_gpu.json", json.dumps(result, indent=2))
+        result["configs"] = bench_configs(device, dtype)
         name = "kernels_gpu.json"
     else:
         result["note"] = "CPU: torch paths only; GPU figures come from benchmarks/gpu_check.sh"

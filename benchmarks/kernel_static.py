@@ -30,6 +30,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 SMEM_LIMIT = {"sm_90": 227 * 1024, "sm_80": 163 * 1024}
 DTYPES = {"float16": "fp16", "bfloat16": "bf16", "float32": "fp32"}
+MATMUL_DTYPES = ("float16", "bfloat16")  # what the fused matmul's wrapper accepts (fp32 runs torch)
 RANKS = (0, 8, 16, 64)
 HIDDEN, INTERMEDIATE = 4096, 14336  # Llama-3-8B: the shapes of gate/up (out 14336, in 4096)
 TOKENS = {"decode": (1, 16), "prefill": (2048,)}
@@ -79,7 +80,7 @@ def matmul_cases(dtypes, ranks, subset: bool) -> list[Case]:
     for kernel_name in ("forward", "grad_input"):
         jit = (sl._forward_kernel if kernel_name == "forward" else sl._grad_input_kernel).fn
         for fmt, fmt_id in sl.FORMAT_IDS.items():
-            for dtype in dtypes:
+            for dtype in [d for d in dtypes if d in MATMUL_DTYPES]:
                 for rank in ranks:
                     for configs_tokens in [t for group in TOKENS.values() for t in group]:
                         bucket = sl.m_bucket(configs_tokens)
@@ -105,23 +106,25 @@ def matmul_cases(dtypes, ranks, subset: bool) -> list[Case]:
 def _matmul_case(sl, jit, kernel_name, fmt, fmt_id, dtype, rank, config, tokens, kept, block_r) -> Case:
     n_out, n_in = INTERMEDIATE, HIDDEN
     elem = "*" + DTYPES[dtype]
-    w_types = {"bitmap": ("*i32", "*i32"), "2:4": ("*i32", "*i32"), "masked": (elem, elem)}[fmt]
+    # w0, w1, w2 as _weight_args passes them: 2:4 values as int32 pairs and int64 position words
+    w_types = {"bitmap": (elem, "*i32", "*i32"), "2:4": ("*i32", "*i64", "*i64"), "masked": (elem, elem, elem)}[fmt]
     tiles_per_row = -(-n_in // 64) if fmt == "bitmap" else 0
-    stride0 = {"bitmap": 0, "2:4": n_in // 2, "masked": n_in}[fmt]
-    stride1 = {"bitmap": n_in // 32, "2:4": n_in // 32, "masked": 0}[fmt]
+    stride0 = {"bitmap": 0, "2:4": n_in // 4, "masked": n_in}[fmt]
+    stride1 = {"bitmap": n_in // 32, "2:4": n_in // 64, "masked": 0}[fmt]
     common = dict(n_tokens=tokens, n_out=n_out, n_in=n_in, rank=max(rank, 1) if rank else 0, m_bucket=sl.m_bucket(tokens),
                   stride0=stride0, stride1=stride1, tiles_per_row=tiles_per_row)
-    precision = "ieee" if dtype == "float32" else "tf32"
+    import torch
+    values_dtype = sl.TRITON_DTYPES[getattr(torch, dtype)]
     if kernel_name == "forward":
         values = dict(common, stride_y=n_out, stride_x=n_in, stride_xa=block_r, stride_b=max(rank, 1))
-        pointers = {"y_ptr": elem, "x_ptr": elem, "w0_ptr": elem, "w1_ptr": w_types[0], "w2_ptr": w_types[1],
+        pointers = {"y_ptr": elem, "x_ptr": elem, "w0_ptr": w_types[0], "w1_ptr": w_types[1], "w2_ptr": w_types[2],
                     "xa_ptr": elem, "b_ptr": elem, "bias_ptr": elem}
-        constexprs = dict(FORMAT=fmt_id, HAS_LORA=rank > 0, HAS_BIAS=False, PRECISION=precision)
+        constexprs = dict(FORMAT=fmt_id, HAS_LORA=rank > 0, HAS_BIAS=False, VALUES=values_dtype)
     else:
         values = dict(common, stride_dx=n_in, stride_dy=n_out, stride_dyb=block_r, stride_a=n_in)
-        pointers = {"dx_ptr": elem, "dy_ptr": elem, "w0_ptr": elem, "w1_ptr": w_types[0], "w2_ptr": w_types[1],
+        pointers = {"dx_ptr": elem, "dy_ptr": elem, "w0_ptr": w_types[0], "w1_ptr": w_types[1], "w2_ptr": w_types[2],
                     "dyb_ptr": elem, "a_ptr": elem}
-        constexprs = dict(FORMAT=fmt_id, HAS_LORA=rank > 0, PRECISION=precision)
+        constexprs = dict(FORMAT=fmt_id, HAS_LORA=rank > 0, VALUES=values_dtype)
     constexprs.update(BLOCK_M=config.kwargs["BLOCK_M"], BLOCK_ROWS=config.kwargs["BLOCK_ROWS"], BLOCK_R=block_r)
     case = Case(kernel=kernel_name, dtype=dtype, rank=rank, tokens=tokens, format=fmt, kept=kept,
                 config={**config.kwargs, "num_warps": config.num_warps, "num_stages": config.num_stages},

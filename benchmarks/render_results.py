@@ -172,24 +172,29 @@ def static_section() -> list[str]:
              "compiled without a GPU. Fused forward at bf16, LoRA r 16, Llama-3-8B gate/up shape, the launch "
              "specialized for 16 tokens; `kept`: the autotuner would try the config for decode (M <= 16) or prefill "
              "(M = 2048). Instructions per weight: SASS instructions of the main loop per weight element it "
-             "consumes, per thread. A static proxy, not a speed.", "",
+             "consumes, per thread; `x masked`: that figure over the masked (dense-with-zeros) format's at the same "
+             "tile. A static proxy, not a speed.", "",
              "| format | BLOCK_M x BLOCK_ROWS, warps | kept (decode / prefill) | regs | spill B | smem KB | "
-             "instr / weight |", "| --- | --- | --- | --- | --- | --- | --- |"]
+             "instr / weight | x masked |", "| --- | --- | --- | --- | --- | --- | --- | --- |"]
     forward = [r for r in d["records"] if r["kernel"] == "forward" and r["dtype"] == "bfloat16" and r["rank"] == 16
                and "error" not in r]
     kept = {}
     for r in forward:
         key = (r["format"], r["config"]["BLOCK_M"], r["config"]["BLOCK_ROWS"], r["config"]["num_warps"])
         kept.setdefault(key, {})[r["tokens"]] = r["kept"]
+    masked = {(r["config"]["BLOCK_M"], r["config"]["BLOCK_ROWS"], r["config"]["num_warps"]): r
+              for r in forward if r["format"] == "masked" and r["tokens"] == 16}
     for r in forward:
         if r["tokens"] != 16:
             continue
         c = r["config"]
         key = (r["format"], c["BLOCK_M"], c["BLOCK_ROWS"], c["num_warps"])
         flags = "yes" if kept[key].get(16) else "no", "yes" if kept[key].get(2048) else "no"
+        base = masked.get(key[1:])
+        ratio = f"{r['instructions_per_weight'] / base['instructions_per_weight']:.2f}" if base else "-"
         lines.append(f"| {r['format']} | {c['BLOCK_M']} x {c['BLOCK_ROWS']}, {c['num_warps']} | {flags[0]} / {flags[1]} | "
                      f"{r['regs']} | {r['spill_bytes']} | {r['smem_bytes'] / 1024:.0f} | "
-                     f"{r['instructions_per_weight']:.1f} |")
+                     f"{r['instructions_per_weight']:.1f} | {ratio} |")
     bad = [r for r in d["records"] if r.get("kept") and (r.get("error") or r.get("spill_bytes") or not r["smem_ok"])]
     lines += ["", f"{len(d['records'])} compiled cases; kept configs that spill, overflow shared memory or fail to "
                   f"compile: {len(bad)}."]

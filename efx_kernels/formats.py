@@ -1,6 +1,6 @@
-"""Compressed formats for a pruned base weight (layouts: docs/formats.md, version 1).
+"""Compressed formats for a pruned base weight (layouts: docs/formats.md, version 2).
 
-- "2:4": kept values (m, n/2) plus 2-bit positions packed eight groups to an int32.
+- "2:4": kept values (m, n/2) plus 2-bit positions packed sixteen groups (64 columns) to an int64.
 - "bitmap": per 16 x 64 tile a bitmask, the tile's nonzero values packed in row-major order,
   and each tile's offset into the value array; any sparsity.
 - "masked": the dense weight with zeros (no compression; the reference layout).
@@ -14,10 +14,10 @@ from dataclasses import dataclass, field
 
 import torch
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
 FORMATS = ("2:4", "bitmap", "masked")
 TILE_ROWS, TILE_COLS = 16, 64  # bitmap tile
-GROUPS_PER_WORD = 8  # 2:4 metadata: eight 4-column groups (4 bits each) per int32
+GROUPS_PER_WORD = 16  # 2:4 metadata: sixteen 4-column groups (4 bits each) per int64, one word per 64 columns
 
 
 @dataclass
@@ -122,15 +122,15 @@ def _pack_24(weight, keep):
     padded = torch.zeros(m, words * GROUPS_PER_WORD, dtype=torch.int64, device=weight.device)
     padded[:, : n // 4] = nibble
     shifts = (torch.arange(GROUPS_PER_WORD, device=weight.device) * 4).to(torch.int64)
+    # the nibbles occupy disjoint bits, so the sum is their bitwise or (it wraps into the sign bit
+    # for the sixteenth group, which int64 addition does exactly)
     meta = (padded.reshape(m, words, GROUPS_PER_WORD) << shifts).sum(-1)
-    meta = torch.where(meta >= 2**31, meta - 2**32, meta).to(torch.int32)
     return PackedWeight("2:4", (m, n), weight.dtype, {"values": vals.contiguous(), "meta": meta.contiguous()})
 
 
 def _nibbles(meta, m, n):
-    words = meta.to(torch.int64) & 0xFFFFFFFF
     shifts = (torch.arange(GROUPS_PER_WORD, device=meta.device) * 4).to(torch.int64)
-    return ((words[..., None] >> shifts) & 0xF).reshape(m, -1)[:, : n // 4]
+    return ((meta[..., None] >> shifts) & 0xF).reshape(m, -1)[:, : n // 4]
 
 
 def _positions_24(meta, m, n):
@@ -195,6 +195,23 @@ def _unpack_bitmap(p):
     tiled[tiled_keep] = p.tensors["values"]
     dense = tiled.reshape(tr, tc, TILE_ROWS, TILE_COLS).permute(0, 2, 1, 3).reshape(tr * TILE_ROWS, tc * TILE_COLS)
     return dense[:m, :n].contiguous()
+
+
+def upgrade(packed: PackedWeight) -> PackedWeight:
+    """The same weight in the current layout. Version 1 stored the 2:4 positions in int32 words of
+    eight groups; version 2 keeps those bytes, padded to whole 64-column words, read as int64
+    (little-endian: the first int32 word is the low half). Bitmap and masked did not change."""
+    if packed.version == FORMAT_VERSION:
+        return packed
+    if packed.version != 1:
+        raise ValueError(f"packed format v{packed.version}: this efx reads v1 and v{FORMAT_VERSION}")
+    tensors = dict(packed.tensors)
+    if packed.format == "2:4":
+        meta = tensors["meta"].to(torch.int32)
+        if meta.shape[1] % 2:
+            meta = torch.cat([meta, torch.zeros_like(meta[:, :1])], dim=1)
+        tensors["meta"] = meta.contiguous().view(torch.int64)
+    return PackedWeight(packed.format, packed.shape, packed.dtype, tensors)
 
 
 PACK = {"2:4": _pack_24, "bitmap": _pack_bitmap, "masked": _pack_masked}

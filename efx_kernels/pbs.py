@@ -15,7 +15,15 @@ CPU) and the Triton kernels:
   Gram and right-hand side, then factors s^2 G_i + ridge I by Cholesky and solves in registers
   (fp32: keep_weight > 0 keeps every G_i at least keep_weight * A D A^T). keep_weight = 0 can
   leave a row's Gram singular up to the ridge, where only fp64 keeps the ridge meaningful: it
-  takes the torch path. Both kernels use fp32 FMA dots (input_precision "ieee"), not tf32.
+  takes the torch path.
+Precision of the dots (sm_90 figures from benchmarks/kernel_static.py, bf16):
+- the right-hand-side kernel runs both its dots (the U tile's B @ A and (P*U*g) @ A^T) on tensor
+  cores as 3xTF32 (input_precision "tf32x3": each fp32 operand is split into a tf32 high part and
+  a tf32 remainder and three tf32 products are summed), about fp32 accuracy. As fp32 FMA dots it
+  spilled 764 bytes at r = 64; plain tf32 would round U * g to 10 mantissa bits.
+- the row solve's Gram A diag(w) A^T is an fp32 FMA dot (input_precision "ieee"): it does not
+  spill at r = 64, and as 3xTF32 it took 1.8x the instructions (the kernel's time is the
+  Cholesky in registers, not the Gram).
 Hessian PBS (full H = E[x x^T]) is torch only: row blocks of batched GEMMs against H.
 """
 from __future__ import annotations
@@ -195,7 +203,7 @@ def _masked_u_tile(w_ptr, a_ptr, b_ptr, keep_ptr, g_ptr, rows, cols, ranks, n_ro
                 mask=(rows[:, None] < n_rows) & (ranks[None, :] < rank), other=0.0).to(tl.float32)
     a = tl.load(a_ptr + ranks[:, None] * stride_a + cols[None, :],
                 mask=(ranks[:, None] < rank) & (cols[None, :] < n_cols), other=0.0).to(tl.float32)
-    u = w + scale * tl.dot(b, a, input_precision="ieee")
+    u = w + scale * tl.dot(b, a, input_precision="tf32x3")
     keep = tl.load(keep_ptr + rows[:, None] * stride_keep + cols[None, :], mask=ok, other=1)
     g = tl.load(g_ptr + cols, mask=cols < n_cols, other=0.0).to(tl.float32)
     return tl.where(keep != 0, 0.0, u) * g[None, :], a
@@ -213,7 +221,7 @@ def _pbs_rhs_kernel(out_ptr, w_ptr, a_ptr, b_ptr, keep_ptr, g_ptr, n_rows, n_col
         cols = start + tl.arange(0, BLOCK_N)
         pug, a = _masked_u_tile(w_ptr, a_ptr, b_ptr, keep_ptr, g_ptr, rows, cols, ranks, n_rows, n_cols, rank,
                                 scale, stride_w, stride_a, stride_b, stride_keep)
-        acc += tl.dot(pug, tl.trans(a), input_precision="ieee")
+        acc += tl.dot(pug, tl.trans(a), input_precision="tf32x3")
     tl.store(out_ptr + rows[:, None] * stride_out + ranks[None, :], acc,
              mask=(rows[:, None] < n_rows) & (ranks[None, :] < rank))
 

@@ -12,11 +12,17 @@ output write. The backward kernel computes dX the same way; the LoRA gradients a
 GEMMs done by torch.
 
 Tile conventions: a weight tile is BLOCK_ROWS output features x 64 input features; bitmap
-tiles are 16 x 64, so bitmap kernels use BLOCK_ROWS = 16.
+tiles are 16 x 64, so bitmap kernels use BLOCK_ROWS = 16. Every weight load is pipelined with
+the activation load (cp.async into shared memory, num_stages deep); the 2:4 tile is read as one
+int64 position word and sixteen int32 value pairs per row, and its four lanes per group are
+placed with 64-bit shifts, not one masked load per element.
+
+dtypes: the kernels take fp16 and bf16 (16-bit tensor-core dots with fp32 accumulation); fp32
+runs the torch path (`_fused_dtypes`).
 
 On a GPU both kernels are autotuned, keyed on the token-count bucket (powers of two from 16 to
 1024), the layer shape, the LoRA rank and the format; the interpreter (CPU tests) skips the
-search and uses the tile rule of `block_m_for` / `_block_rows`.
+search and uses 16 x 16 tiles, or the tiles a test passes.
 """
 from __future__ import annotations
 
@@ -26,12 +32,24 @@ import torch
 import torch.nn.functional as F
 
 from efx_kernels._triton import block_for_rank, tl, triton
-from efx_kernels.dispatch import interpreting, use_triton
+from efx_kernels.dispatch import interpreting, mode, use_triton
 from efx_kernels.formats import TILE_COLS, TILE_ROWS, PackedWeight
 
 log = logging.getLogger(__name__)
 
 PREFILL_TOKENS = 256  # from here on the 2:4 library path is tried on CUDA
+FUSED_DTYPES = (torch.float16, torch.bfloat16)
+
+
+def _fused_dtypes(x: torch.Tensor, packed: PackedWeight) -> bool:
+    """Whether the fused kernels take these dtypes: they run 16-bit tensor-core dots, so fp32 runs
+    the torch path (cuBLAS) under EFX_KERNELS=auto and is refused under EFX_KERNELS=triton."""
+    if x.dtype in FUSED_DTYPES and packed.dtype in FUSED_DTYPES:
+        return True
+    if mode() == "triton":
+        raise ValueError(f"the fused sparse-LoRA kernels take fp16 or bf16, got x {x.dtype} and a {packed.dtype} "
+                         "weight; EFX_KERNELS=auto runs other dtypes on the torch path")
+    return False
 
 
 def _semi_structured(packed: PackedWeight):
@@ -61,7 +79,7 @@ def sparse_lora_linear(x: torch.Tensor, packed: PackedWeight, A: torch.Tensor | 
     lead = x.shape[:-1]
     x2d = x.reshape(-1, n_in)
     lora2d = x2d if lora_input is None else lora_input.reshape(-1, n_in)
-    if use_triton(x2d, A, B):
+    if use_triton(x2d, A, B) and _fused_dtypes(x2d, packed):
         if packed.format == "2:4" and x2d.is_cuda and x2d.shape[0] >= PREFILL_TOKENS and not x2d.requires_grad:
             semi = _semi_structured(packed)
             if semi is not None:
@@ -131,11 +149,12 @@ BLOCK_K = TILE_COLS
 
 @triton.jit
 def _weight_tile(w0_ptr, w1_ptr, w2_ptr, row0, k0, n_rows, n_cols, stride0, stride1, tiles_per_row,
-                 FORMAT: tl.constexpr, BLOCK_ROWS: tl.constexpr):
+                 FORMAT: tl.constexpr, BLOCK_ROWS: tl.constexpr, VALUES: tl.constexpr):
     """Dense (BLOCK_ROWS x 64) tile of W at rows row0.., columns k0..k0+63 (zeros outside W).
 
-    bitmap: w0 = values, w1 = bitmap words, w2 = tile offsets; 2:4: w0 = values, w1 = meta;
-    masked: w0 = dense weight.
+    bitmap: w0 = values, w1 = bitmap words, w2 = tile offsets; 2:4: w0 = the values read as int32
+    pairs (one per group of four columns), w1 = the int64 position words; masked: w0 = the dense
+    weight. VALUES is the weight dtype (2:4 rebuilds its elements from their bits).
     """
     rows = row0 + tl.arange(0, BLOCK_ROWS)
     cols = k0 + tl.arange(0, 64)
@@ -148,15 +167,23 @@ def _weight_tile(w0_ptr, w1_ptr, w2_ptr, row0, k0, n_rows, n_cols, stride0, stri
         start = tl.load(w2_ptr + (row0 // BLOCK_ROWS) * tiles_per_row + k0 // 64)
         tile = tl.load(w0_ptr + start + before, mask=(bits != 0) & ok, other=0.0)
     elif FORMAT == 1:
-        word = tl.load(w1_ptr + rows[:, None] * stride1 + (cols // 32)[None, :], mask=ok, other=0)
-        nibble = (word >> ((cols % 32) // 4 * 4)[None, :]) & 15
-        lane = (cols % 4)[None, :]
-        first = lane == (nibble & 3)
-        second = lane == ((nibble >> 2) & 3)
-        base = w0_ptr + rows[:, None] * stride0 + ((cols // 4) * 2)[None, :]
-        v0 = tl.load(base, mask=ok & first, other=0.0)
-        v1 = tl.load(base + 1, mask=ok & second, other=0.0)
-        tile = tl.where(first, v0, v1)
+        # one int64 word of positions per row and 64 columns, the 16 value pairs as one vector
+        groups = tl.arange(0, 16)
+        in_rows = rows < n_rows
+        word = tl.load(w1_ptr + rows * stride1 + k0 // 64, mask=in_rows, other=0)
+        nibble = (word[:, None] >> (groups * 4).to(tl.int64)[None, :]).to(tl.int32)
+        pair = tl.load(w0_ptr + rows[:, None] * stride0 + (k0 // 4 + groups)[None, :],
+                       mask=in_rows[:, None] & ((k0 // 4 + groups) < n_cols // 4)[None, :], other=0)
+        # the group's four 16-bit lanes as one 64-bit word: the first value shifted to lane p0,
+        # the second to lane p1 (shift 16 * p = (position bits) << 4)
+        first = (pair & 0xFFFF).to(tl.int64) << ((nibble << 4) & 0x30).to(tl.int64)
+        second = ((pair >> 16) & 0xFFFF).to(tl.int64) << ((nibble << 2) & 0x30).to(tl.int64)
+        lanes = first | second
+        l0 = lanes.to(tl.int16).to(VALUES, bitcast=True)
+        l1 = (lanes >> 16).to(tl.int16).to(VALUES, bitcast=True)
+        l2 = (lanes >> 32).to(tl.int16).to(VALUES, bitcast=True)
+        l3 = (lanes >> 48).to(tl.int16).to(VALUES, bitcast=True)
+        tile = tl.reshape(tl.join(tl.join(l0, l2), tl.join(l1, l3)), (BLOCK_ROWS, 64))
     else:
         tile = tl.load(w0_ptr + rows[:, None] * stride0 + cols[None, :], mask=ok, other=0.0)
     return tile
@@ -170,21 +197,14 @@ def _tile_configs() -> list:
     return [triton.Config({"BLOCK_M": bm, "BLOCK_ROWS": br}, num_warps=warps, num_stages=3) for bm, br, warps in tiles]
 
 
-# (BLOCK_M, BLOCK_ROWS, warps) whose 2:4 decode spills registers on sm_90 at bf16, r 16 (255
-# registers, 24-792 bytes of spills: benchmarks/kernel_static.py, docs/results.md)
-SPILLING_24 = {(16, 128, 4), (32, 64, 4), (64, 128, 8)}
-
-
 def prune_tile_configs(configs, named_args, **kwargs) -> list:
-    """Drop configs that cannot win or cannot run: bitmap tiles are 16 rows high, a token tile
-    larger than the bucket only computes padding, and the 2:4 configs of SPILLING_24 spill."""
+    """Drop configs that cannot win or cannot run: bitmap tiles are 16 rows high, and a token tile
+    larger than the bucket only computes padding. (No kept config spills registers or overflows
+    shared memory on sm_90 at fp16/bf16: benchmarks/kernel_static.py, tests/test_kernel_static.py.)"""
     bucket = named_args.get("m_bucket", kwargs.get("m_bucket", 16))
-    fmt = kwargs.get("FORMAT", named_args.get("FORMAT"))
-    bitmap = fmt == FORMAT_IDS["bitmap"]
+    bitmap = kwargs.get("FORMAT", named_args.get("FORMAT")) == FORMAT_IDS["bitmap"]
     kept = [c for c in configs if c.kwargs["BLOCK_M"] <= max(16, bucket)
-            and (c.kwargs["BLOCK_ROWS"] == TILE_ROWS if bitmap else c.kwargs["BLOCK_ROWS"] >= 32)
-            and not (fmt == FORMAT_IDS["2:4"] and
-                     (c.kwargs["BLOCK_M"], c.kwargs["BLOCK_ROWS"], c.num_warps) in SPILLING_24)]
+            and (c.kwargs["BLOCK_ROWS"] == TILE_ROWS if bitmap else c.kwargs["BLOCK_ROWS"] >= 32)]
     return kept or configs[:1]
 
 
@@ -207,7 +227,7 @@ def m_bucket(n_tokens: int) -> int:
 @triton.jit
 def _forward_kernel(y_ptr, x_ptr, w0_ptr, w1_ptr, w2_ptr, xa_ptr, b_ptr, bias_ptr, n_tokens, n_out, n_in, rank,
                     m_bucket, stride_y, stride_x, stride0, stride1, tiles_per_row, stride_xa, stride_b,
-                    FORMAT: tl.constexpr, HAS_LORA: tl.constexpr, HAS_BIAS: tl.constexpr, PRECISION: tl.constexpr,
+                    FORMAT: tl.constexpr, HAS_LORA: tl.constexpr, HAS_BIAS: tl.constexpr, VALUES: tl.constexpr,
                     BLOCK_M: tl.constexpr, BLOCK_ROWS: tl.constexpr, BLOCK_R: tl.constexpr):
     tokens = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
     rows = tl.program_id(1) * BLOCK_ROWS + tl.arange(0, BLOCK_ROWS)
@@ -217,15 +237,15 @@ def _forward_kernel(y_ptr, x_ptr, w0_ptr, w1_ptr, w2_ptr, xa_ptr, b_ptr, bias_pt
         x = tl.load(x_ptr + tokens[:, None] * stride_x + cols[None, :],
                     mask=(tokens[:, None] < n_tokens) & (cols[None, :] < n_in), other=0.0)
         w = _weight_tile(w0_ptr, w1_ptr, w2_ptr, tl.program_id(1) * BLOCK_ROWS, k0, n_out, n_in, stride0, stride1,
-                         tiles_per_row, FORMAT, BLOCK_ROWS)
-        acc += tl.dot(x, tl.trans(w.to(x.dtype)), input_precision=PRECISION)
+                         tiles_per_row, FORMAT, BLOCK_ROWS, VALUES)
+        acc += tl.dot(x, tl.trans(w.to(x.dtype)))
     if HAS_LORA:
         ranks = tl.arange(0, BLOCK_R)
         xa = tl.load(xa_ptr + tokens[:, None] * stride_xa + ranks[None, :],
                      mask=(tokens[:, None] < n_tokens) & (ranks[None, :] < rank), other=0.0)
         b = tl.load(b_ptr + rows[:, None] * stride_b + ranks[None, :],
                     mask=(rows[:, None] < n_out) & (ranks[None, :] < rank), other=0.0)
-        acc += tl.dot(xa, tl.trans(b.to(xa.dtype)), input_precision=PRECISION)
+        acc += tl.dot(xa, tl.trans(b.to(xa.dtype)))
     if HAS_BIAS:
         acc += tl.load(bias_ptr + rows, mask=rows < n_out, other=0.0).to(tl.float32)[None, :]
     tl.store(y_ptr + tokens[:, None] * stride_y + rows[None, :], acc.to(y_ptr.dtype.element_ty),
@@ -236,7 +256,7 @@ def _forward_kernel(y_ptr, x_ptr, w0_ptr, w1_ptr, w2_ptr, xa_ptr, b_ptr, bias_pt
 @triton.jit
 def _grad_input_kernel(dx_ptr, dy_ptr, w0_ptr, w1_ptr, w2_ptr, dyb_ptr, a_ptr, n_tokens, n_out, n_in, rank,
                        m_bucket, stride_dx, stride_dy, stride0, stride1, tiles_per_row, stride_dyb, stride_a,
-                       FORMAT: tl.constexpr, HAS_LORA: tl.constexpr, PRECISION: tl.constexpr,
+                       FORMAT: tl.constexpr, HAS_LORA: tl.constexpr, VALUES: tl.constexpr,
                        BLOCK_M: tl.constexpr, BLOCK_ROWS: tl.constexpr, BLOCK_R: tl.constexpr):
     """dX[:, k0:k0+64] = dY @ W[:, k0:k0+64] + (s dY B) @ A[:, k0:k0+64]."""
     tokens = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -248,15 +268,15 @@ def _grad_input_kernel(dx_ptr, dy_ptr, w0_ptr, w1_ptr, w2_ptr, dyb_ptr, a_ptr, n
         dy = tl.load(dy_ptr + tokens[:, None] * stride_dy + rows[None, :],
                      mask=(tokens[:, None] < n_tokens) & (rows[None, :] < n_out), other=0.0)
         w = _weight_tile(w0_ptr, w1_ptr, w2_ptr, r0, k0, n_out, n_in, stride0, stride1, tiles_per_row, FORMAT,
-                         BLOCK_ROWS)
-        acc += tl.dot(dy, w.to(dy.dtype), input_precision=PRECISION)
+                         BLOCK_ROWS, VALUES)
+        acc += tl.dot(dy, w.to(dy.dtype))
     if HAS_LORA:
         ranks = tl.arange(0, BLOCK_R)
         dyb = tl.load(dyb_ptr + tokens[:, None] * stride_dyb + ranks[None, :],
                       mask=(tokens[:, None] < n_tokens) & (ranks[None, :] < rank), other=0.0)
         a = tl.load(a_ptr + ranks[:, None] * stride_a + cols[None, :],
                     mask=(ranks[:, None] < rank) & (cols[None, :] < n_in), other=0.0)
-        acc += tl.dot(dyb, a.to(dyb.dtype), input_precision=PRECISION)
+        acc += tl.dot(dyb, a.to(dyb.dtype))
     tl.store(dx_ptr + tokens[:, None] * stride_dx + cols[None, :], acc.to(dx_ptr.dtype.element_ty),
              mask=(tokens[:, None] < n_tokens) & (cols[None, :] < n_in))
 
@@ -266,65 +286,63 @@ def _weight_args(packed: PackedWeight):
     if packed.format == "bitmap":
         return t["values"], t["bitmap"], t["offsets"], 0, t["bitmap"].stride(0), -(-packed.shape[1] // TILE_COLS)
     if packed.format == "2:4":
-        return t["values"], t["meta"], t["meta"], t["values"].stride(0), t["meta"].stride(0), 0
+        pairs = t["values"].view(torch.int32)
+        return pairs, t["meta"], t["meta"], pairs.stride(0), t["meta"].stride(0), 0
     return t["weight"], t["weight"], t["weight"], t["weight"].stride(0), 0, 0
 
 
-def block_m_for(n_tokens: int) -> int:
-    """Token tile by M bucket: decode shapes use the smallest tile tensor cores accept."""
-    if interpreting() or n_tokens <= 16:
-        return 16
-    return 32 if n_tokens <= 64 else 64
+INTERPRETER_TILE = {"BLOCK_M": 16, "BLOCK_ROWS": TILE_ROWS}
 
 
-def _block_rows(packed: PackedWeight, n_tokens: int) -> int:
-    if packed.format == "bitmap" or interpreting():
-        return TILE_ROWS
-    return 32 if n_tokens <= 64 else 64
-
-
-def _launch(kernel, packed: PackedWeight, n_tokens: int):
-    """The autotuned kernel on a GPU; under the interpreter the plain kernel with the tile rule
+def _launch(kernel, packed: PackedWeight, tiles: dict | None):
+    """The autotuned kernel on a GPU; the plain kernel with `tiles` where they are given (BLOCK_M,
+    BLOCK_ROWS and optionally num_warps / num_stages: tests run every tile family that way, and the
+    benchmark times each config), and with 16 x 16 tiles under the interpreter otherwise
     (autotuning times launches on a device, which the interpreter does not have)."""
+    if tiles is not None:
+        if packed.format == "bitmap" and tiles["BLOCK_ROWS"] != TILE_ROWS:
+            raise ValueError(f"bitmap tiles are {TILE_ROWS} rows high, got BLOCK_ROWS={tiles['BLOCK_ROWS']}")
+        return kernel.fn, dict(tiles)
     if interpreting():
-        return kernel.fn, {"BLOCK_M": block_m_for(n_tokens), "BLOCK_ROWS": _block_rows(packed, n_tokens)}
+        return kernel.fn, dict(INTERPRETER_TILE)
     return kernel, {}
 
 
-def _precision(dtype) -> str:
-    return "ieee" if dtype == torch.float32 else "tf32"
+TRITON_DTYPES = {torch.float16: tl.float16, torch.bfloat16: tl.bfloat16} if tl.constexpr is not None else {}
 
 
 def fused_forward(x2d: torch.Tensor, packed: PackedWeight, xa: torch.Tensor | None, B: torch.Tensor | None,
-            bias: torch.Tensor | None) -> torch.Tensor:
-    """y (M, out) = x2d @ W^T + xa @ B^T + bias, where xa = s * x2d @ A^T (computed by the caller)."""
+                  bias: torch.Tensor | None, tiles: dict | None = None) -> torch.Tensor:
+    """y (M, out) = x2d @ W^T + xa @ B^T + bias, where xa = s * x2d @ A^T (computed by the caller);
+    `tiles` ({"BLOCK_M", "BLOCK_ROWS"}) fixes the tile instead of the autotuner's choice."""
     n_tokens, n_in = x2d.shape
     n_out = packed.shape[0]
     y = torch.empty((n_tokens, n_out), dtype=x2d.dtype, device=x2d.device)
-    w0, w1, w2, s0, s1, tiles = _weight_args(packed)
+    w0, w1, w2, s0, s1, tiles_per_row = _weight_args(packed)
     rank = 0 if xa is None else xa.shape[1]
-    kernel, tiles_kw = _launch(_forward_kernel, packed, n_tokens)
+    kernel, tiles_kw = _launch(_forward_kernel, packed, tiles)
     grid = lambda meta: (triton.cdiv(n_tokens, meta["BLOCK_M"]), triton.cdiv(n_out, meta["BLOCK_ROWS"]))  # noqa: E731
     kernel[grid](y, x2d, w0, w1, w2, xa if xa is not None else x2d, B if B is not None else x2d,
                  bias if bias is not None else x2d, n_tokens, n_out, n_in, rank, m_bucket(n_tokens), y.stride(0),
-                 x2d.stride(0), s0, s1, tiles, xa.stride(0) if xa is not None else 0,
+                 x2d.stride(0), s0, s1, tiles_per_row, xa.stride(0) if xa is not None else 0,
                  B.stride(0) if B is not None else 0, FORMAT=FORMAT_IDS[packed.format], HAS_LORA=xa is not None,
-                 HAS_BIAS=bias is not None, PRECISION=_precision(x2d.dtype), BLOCK_R=block_for_rank(rank), **tiles_kw)
+                 HAS_BIAS=bias is not None, VALUES=TRITON_DTYPES[packed.dtype], BLOCK_R=block_for_rank(rank), **tiles_kw)
     return y
 
 
-def fused_grad_input(dy: torch.Tensor, packed: PackedWeight, dyb: torch.Tensor | None, A: torch.Tensor | None) -> torch.Tensor:
+def fused_grad_input(dy: torch.Tensor, packed: PackedWeight, dyb: torch.Tensor | None, A: torch.Tensor | None,
+                     tiles: dict | None = None) -> torch.Tensor:
     """dX (M, in) = dy @ W + dyb @ A, where dyb = s * dy @ B (computed by the caller)."""
     n_tokens, n_out = dy.shape
     n_in = packed.shape[1]
     dx = torch.empty((n_tokens, n_in), dtype=dy.dtype, device=dy.device)
-    w0, w1, w2, s0, s1, tiles = _weight_args(packed)
+    w0, w1, w2, s0, s1, tiles_per_row = _weight_args(packed)
     rank = 0 if dyb is None else dyb.shape[1]
-    kernel, tiles_kw = _launch(_grad_input_kernel, packed, n_tokens)
+    kernel, tiles_kw = _launch(_grad_input_kernel, packed, tiles)
     grid = lambda meta: (triton.cdiv(n_tokens, meta["BLOCK_M"]), triton.cdiv(n_in, 64))  # noqa: E731
     kernel[grid](dx, dy, w0, w1, w2, dyb if dyb is not None else dy, A if A is not None else dy, n_tokens, n_out,
-                 n_in, rank, m_bucket(n_tokens), dx.stride(0), dy.stride(0), s0, s1, tiles,
+                 n_in, rank, m_bucket(n_tokens), dx.stride(0), dy.stride(0), s0, s1, tiles_per_row,
                  dyb.stride(0) if dyb is not None else 0, A.stride(0) if A is not None else 0,
-                 FORMAT=FORMAT_IDS[packed.format], HAS_LORA=dyb is not None, PRECISION=_precision(dy.dtype),
+                 FORMAT=FORMAT_IDS[packed.format], HAS_LORA=dyb is not None, VALUES=TRITON_DTYPES[packed.dtype],
                  BLOCK_R=block_for_rank(rank), **tiles_kw)
     return dx

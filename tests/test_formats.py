@@ -74,3 +74,35 @@ def test_bad_input_is_named():
         pack(torch.zeros(4, 6), torch.zeros(4, 6, dtype=torch.bool), "2:4")
     with pytest.raises(ValueError, match="format"):
         pack(w, keep, "csr")
+
+
+def test_two_four_positions_are_one_int64_word_per_64_columns():
+    # row 0 keeps lanes (1, 3) of group 0 and (0, 2) of group 15; the rest keep lanes (0, 1)
+    n = 68  # 17 groups: the 17th starts a second word
+    keep = torch.zeros(2, n, dtype=torch.bool)
+    keep.view(2, -1, 4)[:, :, :2] = True
+    keep[0, :4] = torch.tensor([False, True, False, True])
+    keep[0, 60:64] = torch.tensor([True, False, True, False])
+    packed = pack(torch.randn(2, n) * keep, keep, "2:4")
+    meta = packed.tensors["meta"]
+    assert meta.dtype == torch.int64 and tuple(meta.shape) == (2, 2)
+    nibble = lambda p0, p1: p0 | (p1 << 2)  # noqa: E731
+    want = sum(nibble(0, 1) << (4 * g) for g in range(1, 15)) + nibble(1, 3) + (nibble(0, 2) << 60)
+    assert int(meta[0, 0]) & (2**64 - 1) == want
+    assert int(meta[0, 1]) == nibble(0, 1)
+    assert torch.equal(packed.keep_mask(), keep)
+
+
+@pytest.mark.parametrize("n, v1_words", [(100, 4), (32, 1)])
+def test_version_1_two_four_weights_are_upgraded(n, v1_words):
+    from efx_kernels.formats import FORMAT_VERSION, PackedWeight, upgrade
+    w, keep = two_four(5, n, torch.float16)
+    current = pack(w, keep, "2:4")
+    # the bytes v1 stored: eight groups per int32 word, ceil(groups / 8) words (v2 pads to even)
+    words = current.tensors["meta"].view(torch.int32)[:, :v1_words].contiguous()
+    old = PackedWeight("2:4", current.shape, current.dtype, {"values": current.tensors["values"], "meta": words}, 1)
+    new = upgrade(old)
+    assert new.version == FORMAT_VERSION and torch.equal(new.unpack(), w)
+    bad = PackedWeight("2:4", current.shape, current.dtype, current.tensors, FORMAT_VERSION + 1)
+    with pytest.raises(ValueError, match="reads v1 and v2"):
+        upgrade(bad)

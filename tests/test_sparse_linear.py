@@ -104,3 +104,31 @@ def test_bad_masks_leave_the_model_untouched():
     with pytest.raises(ValueError, match="2:4"):
         to_sparse_lora(model, format="2:4")
     assert not any(isinstance(m, SparseLoRALinear) for m in model.modules())
+
+
+def test_a_version_1_two_four_checkpoint_loads_with_the_same_logits(tmp_path):
+    import json
+    from safetensors.torch import load_file, save_file
+    from efx.model.checkpoint import MANIFEST, WEIGHTS
+    model = pruned_model("2:4")
+    to_sparse_lora(model, format="2:4", rank=0)
+    ids = torch.randint(0, 96, (2, 10))
+    model.eval()
+    with torch.no_grad():
+        want = model(ids).logits
+    save_sparse(model, tmp_path / "v2")
+    # rewrite it as v1 stored it: positions in int32 words of eight groups
+    tensors = load_file(str(tmp_path / "v2" / WEIGHTS))
+    for key in [k for k in tensors if k.endswith("meta")]:
+        tensors[key] = tensors[key].view(torch.int32).contiguous()
+    save_file(tensors, str(tmp_path / "v2" / WEIGHTS), metadata={"format": "pt"})
+    manifest = json.loads((tmp_path / "v2" / MANIFEST).read_text())
+    manifest["format_version"] = 1
+    for cfg in manifest["modules"].values():
+        cfg["version"] = 1
+    (tmp_path / "v2" / MANIFEST).write_text(json.dumps(manifest))
+    loaded, _ = load_sparse(tmp_path / "v2")
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(ids).logits, want)
+    assert all(m.packed.version == 2 and m.packed.tensors["meta"].dtype == torch.int64
+               for m in loaded.modules() if isinstance(m, SparseLoRALinear))

@@ -12,7 +12,7 @@ import torch
 from efx.model.arch import unwrap
 from efx.io import atomic_folder
 from efx.model.sparse_linear import BUFFER_PREFIX, SparseLoRALinear, _parent
-from efx_kernels.formats import FORMAT_VERSION, PackedWeight
+from efx_kernels.formats import FORMAT_VERSION, PackedWeight, upgrade
 
 WEIGHTS = "model.safetensors"
 MANIFEST = "efx_sparse.json"
@@ -63,13 +63,14 @@ def load_sparse(folder: str | os.PathLike, *, device: str | torch.device = "cpu"
         for name, cfg in manifest["modules"].items():
             prefix = f"{name}.{BUFFER_PREFIX}"
             tensors = {k[len(prefix):]: handle.get_tensor(k) for k in keys if k.startswith(prefix)}
-            packed = PackedWeight(cfg["format"], tuple(cfg["shape"]), getattr(torch, cfg["dtype"]), tensors,
-                                  cfg["version"])
+            packed = upgrade(PackedWeight(cfg["format"], tuple(cfg["shape"]), getattr(torch, cfg["dtype"]), tensors,
+                                          cfg["version"]))
             bias = handle.get_tensor(f"{name}.bias") if cfg["bias"] else None
             module = SparseLoRALinear(packed, bias, r=cfg["r"], scale=cfg["scale"], dropout=cfg["dropout"])
             parent, child = _parent(model, name)
             setattr(parent, child, module)
-    state = load_file(str(folder / WEIGHTS))
+    packed_prefixes = tuple(f"{name}.{BUFFER_PREFIX}" for name in manifest["modules"])
+    state = {k: v for k, v in load_file(str(folder / WEIGHTS)).items() if not k.startswith(packed_prefixes)}
     result = model.load_state_dict(state, strict=False, assign=True)
     model.tie_weights()  # a tied head is stored once, under the embedding's name
     unexpected = list(result.unexpected_keys)
