@@ -25,6 +25,10 @@ setup(
         "simple-icd-10-cm",
         "licensedcode-data",
     ],
-    extras_require={"dev": ["pytest", "pytest-benchmark"]},
+    extras_require={
+        # lm-evaluation-harness, to score `efx suite export` tasks (efx eval reports its acc / acc_norm itself)
+        "lmeval": ["lm_eval==0.4.13"],
+        "dev": ["pytest", "pytest-benchmark", "lm_eval==0.4.13"],
+    },
     entry_points={"console_scripts": ["efx=efx.cli.main:main"]},
 )

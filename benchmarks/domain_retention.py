@@ -50,6 +50,10 @@ METHODS = {
     "efficientxpert-efx-trainstats-last4-reset": ({"method": "efficientxpert", "preset": "efx"}, "inside",
                                                   {"statistics": "training", "record_steps": 4,
                                                    "reset_optimizer": True}),
+    # the same, ending with the base pruned and the adapter kept unmerged (efx run --keep-adapter)
+    "efficientxpert-efx-trainstats-last4-keep-adapter": ({"method": "efficientxpert", "preset": "efx"}, "inside",
+                                                         {"statistics": "training", "record_steps": 4,
+                                                          "keep_adapter": True}),
     "efficientxpert-efx-early": ({"method": "efficientxpert", "preset": "efx"}, "inside",
                                  {"prune_at_start": True, "masked_adapter": True}),
     "efficientxpert-efx": ({"method": "efficientxpert", "preset": "efx"}, "inside"),
@@ -88,11 +92,13 @@ def run_one(base, tokenizer, suite, settings: RunSettings, method: str, sparsity
             calls = [prune(model, calib, replace(config, pbs=False, use_memory=False)).to_dict()]
         model = unload(model)
     else:
+        callback = dict(options[0]) if options else {}
+        keep_adapter = callback.pop("keep_adapter", False)
         with measure(record, "train"):
             model, report = prune_and_adapt(copy.deepcopy(base), tokenizer, suite.train, prune=config,
                                             lora=settings.lora(), training=settings.training(), pipeline=pipeline,
-                                            calib=calib, system=suite.system,
-                                            callback_kwargs=options[0] if options else None)
+                                            calib=calib, system=suite.system, callback_kwargs=callback or None,
+                                            keep_adapter=keep_adapter)
         calls = report["calls"]
     with measure(record, "eval"):
         result = evaluate(model, tokenizer, suite, max_items=settings.eval_items)

@@ -38,14 +38,17 @@ def unload(model):
 def prune_and_adapt(model, tokenizer, train_data: list[dict], *, prune: PruneConfig | None = None,
                     lora: LoraSettings | None = None, training: TrainSettings | None = None,
                     pipeline: str = "inside", calib=None, system: str | None = None, callback_kwargs=None,
-                    work_dir=None):
+                    work_dir=None, keep_adapter: bool = False):
     """From a general model to a sparse domain expert in one call.
 
     pipeline "inside" (EfficientXpert): LoRA training with pruning calls on the schedule.
     "prune-lora-reprune": prune the base, train LoRA, merge, prune again (the authors' baseline
     scripts). "lora-prune": train LoRA, merge, prune (the paper's "LoRA+Wanda").
     `work_dir` takes the files the pruning calls write (see `efx.prune`).
-    Returns (plain merged model, report) with timings, peak memory and every call's audit.
+    `keep_adapter`: the last call prunes the base alone and the trained adapter stays unmerged
+    beside it (`PruneConfig.merge` False).
+    Returns (model, report): the plain merged model, or with `keep_adapter` the peft model of
+    the sparse base and its adapter; the report has timings, peak memory and every call's audit.
     """
     config = prune or PruneConfig()
     config.validate()
@@ -57,13 +60,14 @@ def prune_and_adapt(model, tokenizer, train_data: list[dict], *, prune: PruneCon
     record: dict = {}
     calls: list[dict] = []
     if pipeline == "inside":
-        callback = EfficientXpertCallback(calib, config, work_dir=work_dir, **(callback_kwargs or {}))
+        callback = EfficientXpertCallback(calib, config, work_dir=work_dir, keep_adapter=keep_adapter,
+                                          **(callback_kwargs or {}))
         with measure(record, "train"):
             model, stats = train_lora(model, tokenizer, train_data, lora=lora, training=training,
                                       callbacks=[callback], system=system)
         calls = callback.reports
     else:
-        final = replace(config, pbs=False, use_memory=False)
+        final = replace(config, pbs=False, use_memory=False, merge=not keep_adapter)
         if pipeline == "prune-lora-reprune":
             with measure(record, "prune_base"):
                 calls.append(prune_model(model, calib, final, work_dir=work_dir).to_dict())
@@ -71,7 +75,8 @@ def prune_and_adapt(model, tokenizer, train_data: list[dict], *, prune: PruneCon
             model, stats = train_lora(model, tokenizer, train_data, lora=lora, training=training, system=system)
         with measure(record, "prune_merged"):
             calls.append(prune_model(model, calib, final, work_dir=work_dir).to_dict())
-    model = unload(model)
-    report = {"pipeline": pipeline, "measure": record, "train": {k: v for k, v in stats.items() if k != "log_history"},
+    if not keep_adapter:
+        model = unload(model)
+    report = {"pipeline": pipeline, "keep_adapter": keep_adapter, "measure": record, "train": {k: v for k, v in stats.items() if k != "log_history"},
               "loss_history": [e for e in stats["log_history"] if "loss" in e], "calls": calls}
     return model, report

@@ -63,6 +63,8 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--dtype", default=None, help="float32, bfloat16 or float16 (default: the dtype the model was "
                                                  "saved in; float32 for GGUF and the embedded model)")
     e.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N (default: auto)")
+    e.add_argument("--adapter", default=None, help="a peft adapter folder to evaluate unmerged on top of --model "
+                                                   "(default: MODEL/adapter when there is one)")
     x = sub.add_parser("export", help="export a saved expert: dense-with-zeros HF folder and packed checkpoint")
     x.add_argument("--model", required=True, help="the expert's Hugging Face folder")
     x.add_argument("--output", required=True, help="folder to write")
@@ -70,6 +72,20 @@ def build_parser() -> argparse.ArgumentParser:
     x.add_argument("--overwrite", action="store_true", help="replace a non-empty output folder")
     x.add_argument("--dtype", default=None, help="float32, bfloat16 or float16 (default: the dtype the expert was "
                                                  "saved in)")
+    x.add_argument("--adapter", default=None, help="a peft adapter folder to export unmerged beside the sparse base "
+                                                   "(default: MODEL/adapter when the expert has one, as "
+                                                   "efx run --keep-adapter saves it)")
+    s = sub.add_parser("suite", help="a suite's test tasks for other tools")
+    s_sub = s.add_subparsers(dest="suite_command", required=True)
+    se = s_sub.add_parser("export", help="the test tasks as JSONL plus lm-eval task files "
+                                         "(lm_eval --include_path OUTPUT --tasks efx_DOMAIN_TASK)")
+    se.add_argument("--domain", default="medical", help="medical, legal or a path to user data")
+    se.add_argument("--template", default=None, help="record template of user data (as for efx eval)")
+    se.add_argument("--model", default=None, help="the model whose chat template formats the contexts (default: "
+                                                  "the embedded model); export with the tokenizer you evaluate")
+    se.add_argument("--eval-items", type=int, default=None, help="first N items of each task")
+    se.add_argument("--output", required=True, help="folder to write")
+    se.add_argument("--overwrite", action="store_true", help="replace a non-empty output folder")
     c = sub.add_parser("compare", help="several efx run folders of one domain side by side, with retention vs "
                                        "sparsity per method",
                        description="Read report.json of every RUN folder and write compare.md, compare.json and, "
@@ -115,7 +131,12 @@ def main(argv=None) -> int:
         elif args.command == "eval":
             from efx import evaluate, load_model, load_suite
             from efx.io import atomic_write_text
+            from efx.model.adapter import adapter_folder, load_adapter
             model, tokenizer = load_model(args.model, dtype=args.dtype, device=args.device)
+            adapter = args.adapter or (adapter_folder(args.model) if args.model else None)
+            if adapter is not None:
+                logging.getLogger("efx").info("evaluating with the unmerged adapter %s", adapter)
+                model = load_adapter(model, adapter)
             suite = load_suite(args.domain, template=args.template) if args.template else load_suite(args.domain)
             result = evaluate(model, tokenizer, suite, max_items=args.eval_items)
             text = json.dumps(result, indent=2)
@@ -124,9 +145,19 @@ def main(argv=None) -> int:
             print(text)
         elif args.command == "export":
             from efx.cli.export import export
-            audit = export(args.model, args.output, fmt=args.format, overwrite=args.overwrite, dtype=args.dtype)
+            audit = export(args.model, args.output, fmt=args.format, overwrite=args.overwrite, dtype=args.dtype,
+                           adapter=args.adapter)
             print(f"exported to {args.output}: sparsity {audit['overall']:.4f} counted in the written files, "
                   f"{audit['negative_zeros']} negative zeros")
+        elif args.command == "suite":
+            from efx import load_suite
+            from efx.evaluation.harness import export_suite
+            from efx.model.loading import load_tokenizer
+            suite = load_suite(args.domain, template=args.template) if args.template else load_suite(args.domain)
+            names = export_suite(suite, load_tokenizer(args.model), args.output, max_items=args.eval_items,
+                                 overwrite=args.overwrite)
+            print(f"wrote {len(names)} lm-eval tasks to {args.output}: lm_eval --model hf --model_args "
+                  f"pretrained=MODEL --include_path {args.output} --tasks {','.join(names)}")
         elif args.command == "compare":
             from efx.evaluation.compare import compare
             result = compare(args.runs, args.output, overwrite=args.overwrite)

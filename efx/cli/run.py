@@ -25,6 +25,7 @@ from efx.model.loading import check_trainable, load_model, resolve_device, resol
 from efx.recipes import calibration_batches, prune_and_adapt, unload
 from efx.method.prune import FORESIGHT_METHODS, METHODS, PruneConfig
 from efx.method.schedule import STATISTICS
+from efx.model.adapter import ADAPTER, load_adapter, save_with_adapter
 from efx.model.checkpoint import save_sparse
 from efx.evaluation.report import sparsity_audit, versions, write_report
 from efx.model.sparse_linear import SparseLoRALinear, to_sparse_lora
@@ -68,6 +69,10 @@ class RunSettings:
     """EfficientXpert: keep the adapter delta inside the last mask between pruning calls."""
     prune_at_start: bool = False
     """EfficientXpert: also prune before the first training step, so the whole budget trains on the sparse base."""
+    keep_adapter: bool = False
+    """End with the base pruned and the trained adapter kept beside it, unmerged: expert/ holds the sparse base
+    (dense with zeros) and expert/adapter/ the peft adapter (efx eval and efx export pick it up; lm-eval loads
+    it with peft=, vLLM with LoRA enabled)."""
     reset_optimizer: bool = False
     """EfficientXpert: clear the optimizer state after each pruning call, which re-initializes the adapter
     (the authors keep the state)."""
@@ -145,6 +150,11 @@ class RunSettings:
             if inside:
                 raise ValueError(f"--{inside[0].replace('_', '-')} applies to efficientxpert and foresight "
                                  f"(pruning inside training), not --method {self.method}")
+        if self.keep_adapter and self.method == "dense":
+            raise ValueError("--keep-adapter applies to pruning methods: --method dense prunes nothing")
+        if self.keep_adapter and self.masked_adapter:
+            raise ValueError("--keep-adapter keeps a plain LoRA adapter; --masked-adapter masks its delta elementwise, "
+                             "which an unmerged adapter cannot hold: choose one")
         if self.method != "dense":
             self.prune_config().validate()
         if self.statistics == "training" and self.method != "dense" and self.prune_config().needs_hessian:
@@ -284,6 +294,9 @@ def run(settings: RunSettings, output: str | Path, *, overwrite: bool = False, r
     model = None
     _free_memory()
     expert, _ = settings.load(output / "expert")
+    audit = sparsity_audit(expert, output / "expert")  # the base, as saved
+    if settings.keep_adapter:
+        expert = load_adapter(expert, output / "expert" / ADAPTER)
     record.update(expert_stage["measure"])
 
     expert_eval = stages.get("expert_eval")
@@ -298,7 +311,7 @@ def run(settings: RunSettings, output: str | Path, *, overwrite: bool = False, r
         "base_eval": base_eval, "dense_eval": dense["eval"], "expert_eval": expert_eval,
         "retention": retention(expert_eval, dense["eval"], metric=HEADLINE_METRIC),
         "retention_raw": retention(expert_eval, dense["eval"], metric="accuracy"),
-        "sparsity": sparsity_audit(expert, output / "expert"), "prune_calls": expert_stage.get("calls", []),
+        "sparsity": audit, "prune_calls": expert_stage.get("calls", []),
         "statistics": settings.callback_statistics if settings.method in FORESIGHT_METHODS else None,
         "record_steps": settings.callback_record_steps if settings.method in FORESIGHT_METHODS else None,
         "packed": expert_stage.get("packed"),
@@ -336,7 +349,7 @@ def _train_expert(model, tokenizer, suite, settings: RunSettings, output: Path) 
             model, report = prune_and_adapt(model, tokenizer, suite.train, prune=settings.prune_config(),
                                             lora=settings.lora(), training=settings.training(), pipeline=pipeline,
                                             calib=calib, system=suite.system,
-                                            work_dir=settings.work_dir,
+                                            work_dir=settings.work_dir, keep_adapter=settings.keep_adapter,
                                             callback_kwargs={"masked_adapter": settings.masked_adapter,
                                                              "statistics": settings.callback_statistics,
                                                              "record_steps": settings.callback_record_steps,
@@ -344,8 +357,12 @@ def _train_expert(model, tokenizer, suite, settings: RunSettings, output: Path) 
                                                              "reset_optimizer": settings.reset_optimizer})
         calls = report["calls"]
     with atomic_folder(output / "expert", overwrite=True) as folder:
-        model.save_pretrained(folder)
-        tokenizer.save_pretrained(folder)
+        if settings.keep_adapter:
+            model = save_with_adapter(model, tokenizer, folder)
+            model = load_adapter(model, folder / ADAPTER)  # packed below with the adapter in it
+        else:
+            model.save_pretrained(folder)
+            tokenizer.save_pretrained(folder)
     fmt = "2:4" if settings.pattern == "2:4" else "bitmap"
     packed = to_sparse_lora(model, format=fmt, rank=settings.lora_r, alpha=settings.lora_alpha)
     save_sparse(packed, output / "expert_packed", tokenizer, overwrite=True)

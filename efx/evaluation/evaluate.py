@@ -12,6 +12,7 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from efx.data.prompts import format_prompt, right_pad
+from efx.evaluation import harness as harness_fit
 
 log = logging.getLogger(__name__)
 
@@ -35,41 +36,80 @@ def _device(model) -> torch.device:
     return next(model.parameters()).device
 
 
-@torch.no_grad()
 def choice_logprobs(model, tokenizer, items: list[dict], *, system: str | None = None, batch_size: int = 16,
-                    desc: str = "scoring") -> list[list[tuple[float, int]]]:
+                    desc: str = "scoring", harness: bool = False) -> list[list[tuple]]:
     """Sum of log-probabilities and token count of every choice of every item, given its prompt.
 
     Each prompt runs once; its KV cache is copied to the item's choices, which are then scored
     together (left-padded prompts with explicit position ids, right-padded choices).
-    Returns, per item, a list of (log-likelihood, number of choice tokens).
+    Returns, per item, a list of (log-likelihood, number of choice tokens), and with `harness`
+    a third element: the log-likelihood lm-eval gives the choice (`efx.evaluation.harness`).
+    Where lm-eval's tokens are the prompt's last tokens plus the choice's (the usual case) that
+    costs nothing more than the log-probabilities of those prompt tokens; other items are scored
+    again with lm-eval's tokens.
     """
-    device = _device(model)
     pad = tokenizer.pad_token_id
-    results: list[list[tuple[float, int]]] = []
-    for start in tqdm(range(0, len(items), batch_size), desc=desc, leave=False, unit="batch"):
-        batch = items[start:start + batch_size]
-        prompts = [tokenizer(format_prompt(tokenizer, it["prompt"], system), add_special_tokens=False)["input_ids"]
-                   for it in batch]
-        width = max(map(len, prompts))
+    prompts = [tokenizer(format_prompt(tokenizer, it["prompt"], system), add_special_tokens=False)["input_ids"]
+               for it in items]
+    choices = []
+    for it in items:
+        ids = [tokenizer(choice, add_special_tokens=False)["input_ids"] for choice in it["choices"]]
+        empty = [c for c, i in zip(it["choices"], ids) if not i]
+        if empty:
+            raise ValueError(f"choice {empty[0]!r} encodes to no tokens")
+        choices.append(ids)
+    tails, redo = [0] * len(items), []
+    if harness:
+        for index, (it, prompt, ids) in enumerate(zip(items, prompts, choices)):
+            pairs = [harness_fit.encode_pair(tokenizer, format_prompt(tokenizer, it["prompt"], system), c)
+                     for c in it["choices"]]
+            context, tail = pairs[0][0], prompt[len(pairs[0][0]):]
+            if prompt[:len(context)] == context and all(cont == tail + i for (_, cont), i in zip(pairs, ids)):
+                tails[index] = len(tail)
+            else:
+                redo.append((index, context, [cont for _, cont in pairs]))
+    results = _score(model, pad, prompts, choices, tails if harness else None, batch_size, desc)
+    if harness:
+        again = _score(model, pad, [r[1] for r in redo], [r[2] for r in redo], [0] * len(redo), batch_size,
+                       desc + " (lm-eval tokens)") if redo else []
+        redone = {index: scored for (index, _, _), scored in zip(redo, again)}
+        results = [[(ll, n, redone[i][c][0] if i in redone else ll + tail_ll)
+                    for c, (ll, n, tail_ll) in enumerate(row)] for i, row in enumerate(results)]
+    return [[choice[:3] if harness else choice[:2] for choice in row] for row in results]
+
+
+@torch.no_grad()
+def _score(model, pad: int, prompts: list[list[int]], choices: list[list[list[int]]], tails: list[int] | None,
+           batch_size: int, desc: str) -> list[list[tuple[float, int, float]]]:
+    """Per item, per choice: (log-likelihood of the choice's ids after the prompt's ids, their
+    count, log-likelihood of the prompt's last `tails[item]` ids given the ones before)."""
+    device = _device(model)
+    results: list[list[tuple[float, int, float]]] = []
+    for start in tqdm(range(0, len(prompts), batch_size), desc=desc, leave=False, unit="batch"):
+        batch = prompts[start:start + batch_size]
+        tail = [0] * len(batch) if tails is None else tails[start:start + batch_size]
+        width = max(map(len, batch))
         prompt_ids = torch.full((len(batch), width), pad, dtype=torch.long)
         prompt_mask = torch.zeros((len(batch), width), dtype=torch.long)
-        for row, ids in enumerate(prompts):
+        for row, ids in enumerate(batch):
             prompt_ids[row, width - len(ids):] = torch.tensor(ids)
             prompt_mask[row, width - len(ids):] = 1
         positions = (prompt_mask.cumsum(1) - 1).clamp(min=0)
+        keep = max(tail) + 1
         out = model(input_ids=prompt_ids.to(device), attention_mask=prompt_mask.to(device),
-                    position_ids=positions.to(device), use_cache=True, logits_to_keep=1)
+                    position_ids=positions.to(device), use_cache=True, logits_to_keep=keep)
         first_logp = F.log_softmax(out.logits[:, -1].float(), dim=-1)
+        tail_ll = torch.zeros(len(batch))
+        if keep > 1:  # logits at width-keep .. width-2 predict the prompt's last keep-1 ids
+            logp = F.log_softmax(out.logits[:, :-1].float(), dim=-1).cpu()
+            token_logp = logp.gather(2, prompt_ids[:, width - keep + 1:, None]).squeeze(2)
+            counted = torch.arange(keep - 1)[None, :] >= keep - 1 - torch.tensor(tail)[:, None]
+            tail_ll = (token_logp * counted).sum(1)
 
         owner, choice_tokens = [], []
-        for row, it in enumerate(batch):
-            for choice in it["choices"]:
-                ids = tokenizer(choice, add_special_tokens=False)["input_ids"]
-                if not ids:
-                    raise ValueError(f"choice {choice!r} encodes to no tokens")
-                owner.append(row)
-                choice_tokens.append(ids)
+        for row, ids in enumerate(choices[start:start + batch_size]):
+            owner += [row] * len(ids)
+            choice_tokens += ids
         choice_ids, choice_mask = right_pad(choice_tokens, pad)
         length = choice_ids.shape[1]
         owner_t = torch.tensor(owner)
@@ -87,9 +127,9 @@ def choice_logprobs(model, tokenizer, items: list[dict], *, system: str | None =
             token_logp[:, 1:] = rest.gather(2, choice_ids[:, 1:, None].to(device)).squeeze(2).cpu()
         sums = (token_logp * choice_mask).sum(1)
         counts = choice_mask.sum(1)
-        per_item: list[list[tuple[float, int]]] = [[] for _ in batch]
+        per_item: list[list[tuple[float, int, float]]] = [[] for _ in batch]
         for row, item_row in enumerate(owner):
-            per_item[item_row].append((float(sums[row]), int(counts[row])))
+            per_item[item_row].append((float(sums[row]), int(counts[row]), float(tail_ll[item_row])))
         results.extend(per_item)
     return results
 
@@ -115,8 +155,9 @@ def majority_baseline(items: list[dict]) -> float:
     return max(by_label, by_position) / len(items)
 
 
-def score_task(items: list[dict], logprobs: list[list[tuple[float, int]]]) -> dict:
-    """Accuracy and macro-F1, raw and length-normalized (log-likelihood per token)."""
+def score_task(items: list[dict], logprobs: list[list[tuple]]) -> dict:
+    """Accuracy and macro-F1, raw and length-normalized (log-likelihood per token), and where
+    `logprobs` carry lm-eval's log-likelihoods, lm-eval's `acc` and `acc_norm` (per character)."""
     gold = [it["choices"][it["answer"]] for it in items]
     out = {"n": len(items), "majority_baseline": majority_baseline(items),
            "chance": sum(1 / len(it["choices"]) for it in items) / len(items)}
@@ -125,6 +166,8 @@ def score_task(items: list[dict], logprobs: list[list[tuple[float, int]]]) -> di
         predicted = [it["choices"][p] for it, p in zip(items, picks)]
         out["accuracy" + suffix] = sum(p == it["answer"] for p, it in zip(picks, items)) / len(items)
         out["macro_f1" + suffix] = macro_f1(gold, predicted)
+    if logprobs and len(logprobs[0][0]) == 3:
+        out.update(harness_fit.metrics(items, [[lp[2] for lp in lps] for lps in logprobs]))
     return out
 
 
@@ -149,8 +192,8 @@ def evaluate(model, tokenizer, suite, *, batch_size: int = 16, split: str = "tes
              ppl: bool = True) -> dict:
     """Score a model on a suite.
 
-    Returns {"tasks": {task: {accuracy, accuracy_norm, macro_f1, macro_f1_norm, majority_baseline,
-    chance, n}}, "perplexity": {perplexity, tokens} or None}.
+    Returns {"tasks": {task: {accuracy, accuracy_norm, macro_f1, macro_f1_norm, acc, acc_norm,
+    majority_baseline, chance, n}}, "perplexity": {perplexity, tokens} or None}.
     """
     was_training = model.training
     model.eval()
@@ -160,7 +203,8 @@ def evaluate(model, tokenizer, suite, *, batch_size: int = 16, split: str = "tes
     try:
         for name, items in tasks.items():
             items = items[:max_items] if max_items else items
-            logprobs = choice_logprobs(model, tokenizer, items, system=suite.system, batch_size=batch_size, desc=name)
+            logprobs = choice_logprobs(model, tokenizer, items, system=suite.system, batch_size=batch_size, desc=name,
+                                       harness=True)
             result["tasks"][name] = score_task(items, logprobs)
             log.info("%s: accuracy %.3f (majority %.3f)", name, result["tasks"][name]["accuracy"],
                      result["tasks"][name]["majority_baseline"])

@@ -83,12 +83,15 @@ def activation_statistic(stats: ModuleStats, preset: str) -> torch.Tensor:
     return stats.act_sq.sqrt()
 
 
-def score_inputs(arch: ArchMap, block: BlockMap, role: str, stats: ModuleStats, preset: str = "efx") -> dict:
+def score_inputs(arch: ArchMap, block: BlockMap, role: str, stats: ModuleStats, preset: str = "efx",
+                 adapter: bool = True) -> dict:
     """The arguments of the fused score kernel for one target: W, A, B, the scale (1 for the
-    "paper" preset, whose U omits it), the activation statistic and the propagation factors."""
+    "paper" preset, whose U omits it), the activation statistic and the propagation factors.
+    `adapter` False scores W alone (the adapter stays beside the base, unpruned); the partners'
+    factors still see their adapters."""
     module = block.targets[role]
     weight = base_linear(module).weight
-    parts = lora_parts(module)
+    parts = lora_parts(module) if adapter else None
     A, B, scale = parts if parts is not None else (None, None, 0.0)
     factors = propagation_factors(arch, block, role, preset)
     return {"W": weight, "A": A, "B": B, "scale": 1.0 if preset == "paper" else scale,
@@ -97,9 +100,9 @@ def score_inputs(arch: ArchMap, block: BlockMap, role: str, stats: ModuleStats, 
 
 
 def foresight_score(arch: ArchMap, block: BlockMap, role: str, stats: ModuleStats, preset: str = "efx",
-                    prev: torch.Tensor | None = None, eta: float = 1.0) -> torch.Tensor:
+                    prev: torch.Tensor | None = None, eta: float = 1.0, adapter: bool = True) -> torch.Tensor:
     """I = |U| * stat_j * f for one target, blended with `prev` as eta*I + (1-eta)*prev (fp32)."""
-    inputs = score_inputs(arch, block, role, stats, preset)
+    inputs = score_inputs(arch, block, role, stats, preset, adapter)
     return efx_kernels.foresight_score(**inputs, prev=None if prev is None else prev.to(inputs["W"].device),
                                        eta=eta if prev is not None else 1.0)
 

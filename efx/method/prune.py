@@ -72,10 +72,15 @@ class PruneConfig:
     """Sequences per calibration forward."""
     seed: int = 0
     """Seed of the adapter re-initialization (identical on every rank)."""
+    merge: bool = True
+    """Merge s*B@A into W and re-initialize the adapter. False: prune W alone and leave the
+    adapter as it is, beside the sparse base and unmerged (the form peft, vLLM with LoRA and
+    lm-eval's `peft=` load). The score is then taken on W, which is what gets pruned; PBS and the
+    OBS update, which exist to prepare a merge, do not run."""
 
     @property
     def run_pbs(self) -> bool:
-        return self.method == "efficientxpert" if self.pbs is None else self.pbs
+        return self.merge and (self.method == "efficientxpert" if self.pbs is None else self.pbs)
 
     @property
     def needs_hessian(self) -> bool:
@@ -111,6 +116,9 @@ class PruneConfig:
                              f"only; got granularity {self.granularity!r}, pattern {self.pattern!r}")
         if self.calib_batch_size <= 0:
             raise ValueError(f"calib_batch_size {self.calib_batch_size} must be positive")
+        if not self.merge and (self.pbs or self.obs_update):
+            raise ValueError("merge=False keeps the adapter unmerged; PBS and the OBS update prepare a merge "
+                             "(set pbs=False and obs_update=False)")
         if self.obs_update and self.method not in FORESIGHT_METHODS:
             raise ValueError(f"obs_update applies to efficientxpert and foresight, not method {self.method!r}")
 
@@ -308,7 +316,7 @@ def _prune_module(call: _Call, block: BlockMap, role: str, stats: ModuleStats) -
     """Score, update, merge, mask and re-initialize one target; its tensors go to `call.undo` first."""
     config, memory, name, module = call.config, call.memory, block.qualified(role), block.targets[role]
     weight = base_linear(module).weight
-    parts = lora_parts(module)
+    parts = lora_parts(module) if config.merge else None  # without a merge the adapter is left alone
     A, B, scale = parts if parts is not None else (None, None, 0.0)
     for tensor in (weight,) + ((A, B) if parts else ()):
         call.undo.stage(str(len(call.changed)), tensor)
@@ -318,11 +326,12 @@ def _prune_module(call: _Call, block: BlockMap, role: str, stats: ModuleStats) -
     merged = None  # the new W, when a solver forms it itself
     if config.method in FORESIGHT_METHODS and nm is not None and not config.use_memory:
         # no score to remember: the fused kernel goes straight from weights to the N:M mask
-        keep = efx_kernels.foresight_nm_keep_mask(**score_inputs(call.arch, block, role, stats, config.preset),
-                                                  n=nm[0], m=nm[1])
+        keep = efx_kernels.foresight_nm_keep_mask(**score_inputs(call.arch, block, role, stats, config.preset,
+                                                                 config.merge), n=nm[0], m=nm[1])
     elif config.method in FORESIGHT_METHODS:
         prev = memory.scores.get(name) if config.use_memory else None
-        score = foresight_score(call.arch, block, role, stats, config.preset, prev=prev, eta=config.mask_lr)
+        score = foresight_score(call.arch, block, role, stats, config.preset, prev=prev, eta=config.mask_lr,
+                                adapter=config.merge)
         if call.keep_scores:
             memory.scores.stage(name, score.to(torch.bfloat16))
         keep = select_keep_mask(score, sparsity, config.pattern, config.granularity)

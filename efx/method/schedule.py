@@ -1,5 +1,6 @@
 """EfficientXpert inside LoRA training (method.md section 5): a transformers TrainerCallback
-that prunes on a schedule and ends with a merged, exactly sparse model."""
+that prunes on a schedule and ends with a merged, exactly sparse model, or with an exactly
+sparse base and the trained adapter beside it."""
 from __future__ import annotations
 
 import logging
@@ -26,6 +27,8 @@ class EfficientXpertCallback(TrainerCallback):
     Schedule "steps": one call every `every_steps` optimizer steps. Either way a final call at
     train end runs without PBS and without score memory, so the model ends merged and exactly
     sparse (the adapter is reset to B = 0; `merge_and_unload()` then yields the plain model).
+    With `keep_adapter` the final call prunes the base alone and leaves the trained adapter
+    unmerged beside it (`PruneConfig.merge` False).
 
     Args:
         calib: calibration data (see `efx.method.prune`); may be None with statistics="training".
@@ -50,12 +53,14 @@ class EfficientXpertCallback(TrainerCallback):
             epoch schedule is recorded.
         work_dir: folder for the files the calls write (score memory, previous masks, undo); None:
             the system's temporary folder. Removed at train end.
+        keep_adapter: end with the base pruned and the adapter trained since the last
+            intermediate call kept, unmerged (for serving or evaluating base + adapter).
     """
 
     def __init__(self, calib, config: PruneConfig | None = None, *, schedule: str = "epoch",
                  every_steps: int | None = None, reset_optimizer: bool = False, masked_adapter: bool = False,
                  statistics: str = "calibration", prune_at_start: bool = False, record_steps: int | None = None,
-                 work_dir=None):
+                 work_dir=None, keep_adapter: bool = False):
         if schedule not in ("epoch", "steps"):
             raise ValueError(f"schedule {schedule!r}: expected 'epoch' or 'steps'")
         if schedule == "steps" and not every_steps:
@@ -71,6 +76,9 @@ class EfficientXpertCallback(TrainerCallback):
                 raise ValueError("record_steps applies to statistics 'training' (nothing is recorded otherwise)")
             if isinstance(record_steps, bool) or not isinstance(record_steps, int) or record_steps <= 0:
                 raise ValueError(f"record_steps {record_steps!r}: expected a positive integer or None")
+        if keep_adapter and masked_adapter:
+            raise ValueError("keep_adapter keeps a plain LoRA adapter; masked_adapter masks its delta elementwise, "
+                             "which an unmerged adapter cannot hold: choose one")
         self.calib = calib
         self.config = config or PruneConfig()
         self.config.validate()
@@ -84,6 +92,7 @@ class EfficientXpertCallback(TrainerCallback):
         self.statistics = statistics
         self.prune_at_start = prune_at_start
         self.record_steps = record_steps
+        self.keep_adapter = keep_adapter
         self._epoch_end: int | None = None  # global step at which the current epoch ends
         self.recorder: ActivationRecorder | None = None
         self.work_dir = work_dir
@@ -151,7 +160,8 @@ class EfficientXpertCallback(TrainerCallback):
                        another_follows=state.global_step + self.every_steps < state.max_steps)
 
     def on_train_end(self, args, state, control, model=None, optimizer=None, **kwargs):
-        final = replace(self.config, pbs=False, use_memory=False)
+        final = replace(self.config, pbs=False, use_memory=False, merge=not self.keep_adapter,
+                        obs_update=self.config.obs_update and not self.keep_adapter)
         try:
             self._call(model, optimizer, final, "train end", final=True)
         finally:

@@ -79,6 +79,42 @@ def embedded_model_dir() -> Path:
     return folder
 
 
+def _source(name_or_path) -> tuple[str, dict]:
+    """What transformers loads from: (folder or cached hub id, keyword arguments)."""
+    if name_or_path is None:
+        return str(embedded_model_dir()), {"gguf_file": EMBEDDED_GGUF}
+    path = Path(name_or_path)
+    if path.suffix == ".gguf":
+        if not path.is_file():
+            raise ModelLoadError(f"no GGUF file at {path}")
+        return str(path.parent), {"gguf_file": path.name}
+    if path.exists():
+        if not (path / "config.json").is_file():
+            raise ModelLoadError(f"{path} is not a Hugging Face model folder (no config.json)")
+        return str(path), {}
+    if not re.fullmatch(r"[\w.-]+(/[\w.-]+)?", str(name_or_path)) or str(name_or_path).startswith("."):
+        raise ModelLoadError(f"no model folder at {path}")
+    return str(name_or_path), {"local_files_only": True}
+
+
+def _hint(kwargs: dict) -> str:
+    return " (hub ids load only from the local cache: download it there first)" if kwargs.get("local_files_only") \
+        else ""
+
+
+def load_tokenizer(name_or_path: str | os.PathLike | None = None):
+    """The tokenizer of a model `load_model` accepts, with a pad token (EOS where it has none)."""
+    from transformers import AutoTokenizer
+    source, kwargs = _source(name_or_path)
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(source, **kwargs)
+    except (OSError, ValueError, KeyError) as err:
+        raise ModelLoadError(f"could not load a tokenizer from {name_or_path!r}{_hint(kwargs)}: {err}") from err
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    return tokenizer
+
+
 def load_model(name_or_path: str | os.PathLike | None = None, *, dtype: torch.dtype | str | None = None,
                device: str | torch.device = "cpu"):
     """Load a causal LM and its tokenizer.
@@ -93,39 +129,19 @@ def load_model(name_or_path: str | os.PathLike | None = None, *, dtype: torch.dt
     Returns:
         (model, tokenizer); the tokenizer always has a pad token.
     """
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoModelForCausalLM
 
     device = resolve_device(device)
-    kwargs: dict = {}
-    if name_or_path is None:
-        source, kwargs["gguf_file"] = str(embedded_model_dir()), EMBEDDED_GGUF
-    else:
-        path = Path(name_or_path)
-        if path.suffix == ".gguf":
-            if not path.is_file():
-                raise ModelLoadError(f"no GGUF file at {path}")
-            source, kwargs["gguf_file"] = str(path.parent), path.name
-        elif path.exists():
-            if not (path / "config.json").is_file():
-                raise ModelLoadError(f"{path} is not a Hugging Face model folder (no config.json)")
-            source = str(path)
-        elif not re.fullmatch(r"[\w.-]+(/[\w.-]+)?", str(name_or_path)) or str(name_or_path).startswith("."):
-            raise ModelLoadError(f"no model folder at {path}")
-        else:
-            source, kwargs["local_files_only"] = str(name_or_path), True
+    source, kwargs = _source(name_or_path)
     if dtype is not None:
         dtype = resolve_dtype(dtype)
     elif "gguf_file" in kwargs:
         dtype = torch.float32
+    tokenizer = load_tokenizer(name_or_path)
     try:
-        tokenizer = AutoTokenizer.from_pretrained(source, **kwargs)
         model = AutoModelForCausalLM.from_pretrained(source, dtype=dtype or "auto", **kwargs)
     except (OSError, ValueError, KeyError) as err:
-        hint = " (hub ids load only from the local cache: download it there first)" \
-            if kwargs.get("local_files_only") else ""
-        raise ModelLoadError(f"could not load a causal LM from {name_or_path!r}{hint}: {err}") from err
-    if tokenizer.pad_token is None:
-        tokenizer.pad_token = tokenizer.eos_token
+        raise ModelLoadError(f"could not load a causal LM from {name_or_path!r}{_hint(kwargs)}: {err}") from err
     # GGUF loads record a quantization config although the weights are dequantized
     # fp tensors; drop it so save_pretrained writes a plain model.
     if getattr(model.config, "quantization_config", None) is not None and "gguf_file" in kwargs:
