@@ -5,11 +5,13 @@ from __future__ import annotations
 import logging
 from dataclasses import replace
 
+from efx.method import sharding
 from efx.method.schedule import EfficientXpertCallback
 from efx.measure import measure
 from efx.data.prompts import encode_pair, right_pad
 from efx.method.prune import PruneConfig
 from efx.method.prune import prune as prune_model
+from efx.model.arch import lora_parts
 from efx.training import LoraSettings, TrainSettings, train_lora, training_subset
 
 log = logging.getLogger(__name__)
@@ -31,8 +33,17 @@ def calibration_batches(tokenizer, examples: list[dict], *, n: int = 32, max_len
 
 
 def unload(model):
-    """The plain transformers model with the (reset or trained) adapter merged in."""
-    return model.merge_and_unload() if hasattr(model, "merge_and_unload") else model
+    """The plain transformers model with the (reset or trained) adapter merged in. In a model
+    sharded with FSDP2 each target is gathered, merged and written back to its shards in turn."""
+    if not hasattr(model, "merge_and_unload"):
+        return model
+    if not sharding.sharded_model(model):
+        return model.merge_and_unload()
+    for module in model.modules():
+        if lora_parts(module) is not None:
+            with sharding.gathered([module], {}):
+                module.merge()
+    return model.unload()
 
 
 def prune_and_adapt(model, tokenizer, train_data: list[dict], *, prune: PruneConfig | None = None,

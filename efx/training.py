@@ -91,13 +91,16 @@ def completion_loss(model, inputs: dict) -> torch.Tensor:
     """Mean next-token cross-entropy over completion tokens, computing vocabulary logits only
     at the positions that predict a completion token (the LM head is a large share of a small
     model's cost, and most positions are prompt)."""
+    from efx.method.sharding import sharded_model
     from efx.model.arch import unwrap
 
     inner = unwrap(model)
     body = getattr(inner, getattr(inner, "base_model_prefix", ""), None)
     head = getattr(inner, "lm_head", None)
-    if isinstance(model, torch.nn.parallel.DistributedDataParallel) or body is None or head is None:
-        return model(**inputs).loss  # DDP must see its own forward; generic models use their loss
+    if isinstance(model, torch.nn.parallel.DistributedDataParallel) or body is None or head is None \
+            or sharded_model(inner):
+        # DDP and FSDP must see the root's own forward; generic models use their loss
+        return model(**inputs).loss
     labels = inputs["labels"]
     hidden = body(input_ids=inputs["input_ids"], attention_mask=inputs["attention_mask"],
                          use_cache=False).last_hidden_state

@@ -126,8 +126,10 @@ def main(argv=None) -> int:
             settings = _settings_from(args)
             settings.validate()
             report = run(settings, args.output, overwrite=args.overwrite, resume=args.resume)
-            print(Path(args.output, "report.md").read_text())
-            print(summary_line(report))
+            from efx import distributed
+            if distributed.is_main():
+                print(Path(args.output, "report.md").read_text())
+                print(summary_line(report))
         elif args.command == "eval":
             from efx import evaluate, load_model, load_suite
             from efx.io import atomic_write_text

@@ -17,6 +17,7 @@ from pathlib import Path
 
 import torch
 
+from efx import distributed
 from efx.data.suites import load_suite
 from efx.evaluation.evaluate import evaluate, retention
 from efx.io import atomic_folder, atomic_write_text, check_output_free
@@ -115,6 +116,10 @@ class RunSettings:
     """Forwards per optimizer step (a step takes --batch-size x --grad-accum examples)."""
     gradient_checkpointing: bool = False
     """Recompute activations in backward instead of keeping them (less memory, more time)."""
+    fsdp: bool = False
+    """Shard the model over the processes of a distributed launch with FSDP2 (torchrun --nproc-per-node N efx run
+    --fsdp): for models that do not fit on one device. Pruning calls gather one block at a time; they use the
+    statistics recorded during training. Without it a distributed launch trains with DDP."""
     work_dir: str | None = None
     """Folder for the files pruning writes (score memory, previous masks, undo); default: the system's temporary
     folder. Removed when the run ends."""
@@ -164,6 +169,16 @@ class RunSettings:
                 raise ValueError("--record-steps must be >= 0 (0: every step)")
             if self.callback_statistics != "training":
                 raise ValueError("--record-steps applies to --statistics training")
+        if self.fsdp:
+            if not distributed.launched():
+                raise ValueError("--fsdp shards the model over the processes of a distributed launch: run "
+                                 "torchrun --nproc-per-node N efx run --fsdp ... (or accelerate launch)")
+            if self.method not in FORESIGHT_METHODS + ("dense",) or self.callback_statistics != "training" \
+                    or self.prune_at_start:
+                raise ValueError("--fsdp prunes with the statistics recorded during training: efficientxpert or "
+                                 "foresight with --statistics training (the default) and without --prune-at-start "
+                                 "or --obs-update, or --method dense; the calibration pass and the baselines run "
+                                 "blocks on their own, outside the sharded forward")
         if self.domain not in ("medical", "legal") and not Path(self.domain).exists():
             raise ValueError(f"--domain {self.domain!r}: expected medical, legal or an existing path")
 
@@ -193,13 +208,17 @@ class RunSettings:
         return LoraSettings(r=self.lora_r, alpha=self.lora_alpha)
 
     def training(self) -> TrainSettings:
+        extra = {"ddp_timeout": distributed.TIMEOUT_S}
+        if distributed.launched() and resolve_device(self.device).type == "cpu":
+            extra["ddp_backend"] = "gloo"
         return TrainSettings(epochs=self.epochs, n_examples=self.n_examples, batch_size=self.batch_size,
                              grad_accum=self.grad_accum, gradient_checkpointing=self.gradient_checkpointing,
-                             learning_rate=self.learning_rate, max_length=self.max_length, seed=self.seed)
+                             learning_rate=self.learning_rate, max_length=self.max_length, seed=self.seed,
+                             extra_args=extra)
 
     def load(self, path=None):
         """(model, tokenizer) of `path` (default: the settings' model) in the settings' dtype and device."""
-        return load_model(self.model if path is None else path, dtype=self.dtype, device=self.device)
+        return load_model(self.model if path is None else path, dtype=self.dtype, device=self.device, fsdp=self.fsdp)
 
 
 def load_settings(path: str | Path) -> dict:
@@ -228,7 +247,8 @@ class Stages:
         return json.loads(path.read_text()) if path.is_file() else None
 
     def put(self, name: str, value) -> None:
-        atomic_write_text(self.folder / f"{name}.json", json.dumps(value))
+        if distributed.is_main():  # every rank computed the same value; one writes it
+            atomic_write_text(self.folder / f"{name}.json", json.dumps(value))
 
 
 def prepare_output(output: Path, *, overwrite: bool, resume: bool) -> None:
@@ -248,9 +268,13 @@ def run(settings: RunSettings, output: str | Path, *, overwrite: bool = False, r
     write report.json, report.md and plots into `output`. Returns the report."""
     settings.validate()
     output = Path(output)
-    prepare_output(output, overwrite=overwrite, resume=resume)
+    if distributed.is_main():
+        prepare_output(output, overwrite=overwrite, resume=resume)
     if settings.work_dir is not None:
         Path(settings.work_dir).mkdir(parents=True, exist_ok=True)
+    if distributed.launched():
+        distributed.init(resolve_device(settings.device))
+        distributed.barrier()  # the output folder is ready (a refusal on rank 0 ends the job)
     stages = Stages(output)
     saved = stages.get("settings")
     if saved is not None and saved != asdict(settings):
@@ -315,14 +339,45 @@ def run(settings: RunSettings, output: str | Path, *, overwrite: bool = False, r
         "statistics": settings.callback_statistics if settings.method in FORESIGHT_METHODS else None,
         "record_steps": settings.callback_record_steps if settings.method in FORESIGHT_METHODS else None,
         "packed": expert_stage.get("packed"),
+        "distributed": {"world_size": distributed.world_size(),
+                        "strategy": "fsdp2" if settings.fsdp else "ddp" if distributed.launched() else None,
+                        "peak_rss_mb_per_rank": distributed.peak_rss_mb_per_rank()},
         "measure": record,
         "cost": {"time_ratio": expert_train["seconds"] / record["dense_train"]["seconds"],
                  "memory_ratio": expert_train["peak_rss_mb"] / record["dense_train"]["peak_rss_mb"]},
         "wall_seconds": time.perf_counter() - started,
     }
-    write_report(report, output)
-    log.info("report written to %s", output / "report.md")
+    if distributed.is_main():
+        write_report(report, output)
+        log.info("report written to %s", output / "report.md")
+    distributed.barrier()
     return report
+
+
+def _save_sharded(model, tokenizer, settings: RunSettings, output: Path) -> None:
+    """Save a model sharded with FSDP2 once: every rank takes part in gathering each tensor, rank 0
+    writes them into a temporary folder that replaces `expert/` in one rename. No packed checkpoint
+    is made (it would need the whole model in one process): `efx export` makes one from `expert/`."""
+    tmp = output / ".expert.sharded.tmp"
+    if distributed.is_main():
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True)
+    distributed.barrier()
+    main = distributed.is_main()
+    if settings.keep_adapter:
+        model.save_pretrained(tmp / ADAPTER, is_main_process=main)
+        model = model.unload()
+    model.save_pretrained(tmp, is_main_process=main)
+    if main:
+        tokenizer.save_pretrained(tmp)
+        config = json.loads((tmp / "config.json").read_text())
+        if config.pop("distributed_config", None) is not None:  # the folder loads anywhere, unsharded
+            atomic_write_text(tmp / "config.json", json.dumps(config, indent=2))
+        if (output / "expert").exists():
+            shutil.rmtree(output / "expert")
+        tmp.rename(output / "expert")
+    distributed.barrier()
+    return None
 
 
 def _free_memory() -> None:
@@ -356,6 +411,15 @@ def _train_expert(model, tokenizer, suite, settings: RunSettings, output: Path) 
                                                              "prune_at_start": settings.prune_at_start,
                                                              "reset_optimizer": settings.reset_optimizer})
         calls = report["calls"]
+    if settings.fsdp:
+        return {"measure": record, "calls": calls, "packed": _save_sharded(model, tokenizer, settings, output)}
+    packed = _save(model, tokenizer, settings, output) if distributed.is_main() else None  # DDP: ranks agree
+    distributed.barrier()
+    return {"measure": record, "calls": calls, "packed": packed}
+
+
+def _save(model, tokenizer, settings: RunSettings, output: Path) -> dict:
+    """`expert/` (and `expert/adapter/`) and the packed checkpoint `expert_packed/`."""
     with atomic_folder(output / "expert", overwrite=True) as folder:
         if settings.keep_adapter:
             model = save_with_adapter(model, tokenizer, folder)
@@ -367,5 +431,4 @@ def _train_expert(model, tokenizer, suite, settings: RunSettings, output: Path) 
     packed = to_sparse_lora(model, format=fmt, rank=settings.lora_r, alpha=settings.lora_alpha)
     save_sparse(packed, output / "expert_packed", tokenizer, overwrite=True)
     sizes = [(m.packed.nbytes, m.packed.dense_nbytes) for m in packed.modules() if isinstance(m, SparseLoRALinear)]
-    return {"measure": record, "calls": calls,
-            "packed": {"format": fmt, "byte_ratio": sum(a for a, _ in sizes) / sum(b for _, b in sizes)}}
+    return {"format": fmt, "byte_ratio": sum(a for a, _ in sizes) / sum(b for _, b in sizes)}

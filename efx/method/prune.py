@@ -14,7 +14,7 @@ from pathlib import Path
 import torch
 
 import efx_kernels
-from efx.method import baselines
+from efx.method import baselines, sharding
 from efx.method.foresight import (GRANULARITIES, PRESETS, activation_statistic, foresight_score, parse_pattern,
                                   score_inputs, select_keep_mask)
 from efx.method.pbs import all_finite, hessian_pbs, partial_brain_surgeon
@@ -196,7 +196,11 @@ def _preflight(model, arch: ArchMap, roles: list[str], config: PruneConfig) -> N
                 if parts[0].device != weight.device:
                     raise ValueError(f"{block.qualified(role)}: adapter and weight are on different devices")
             for name, t in tensors:
-                if not all_finite(t):
+                if sharding.is_sharded(t):  # this rank's shard, the verdict agreed by all ranks
+                    finite = sharding.on_every_rank(all_finite(t.to_local()))
+                else:
+                    finite = all_finite(t)
+                if not finite:
                     raise ValueError(f"{block.qualified(role)}.{name} holds NaN or Inf")
 
 
@@ -247,6 +251,10 @@ def prune(model, calib, config: PruneConfig | None = None, *, memory: PruneMemor
                          f"method {config.method!r} with these options needs: use a calibration pass")
     elif recorded.tokens == 0:
         raise ValueError("the activation recorder holds no statistics: no training forward ran since its last reset")
+    if recorded is None and sharding.sharded_model(model):
+        raise ValueError("a model sharded with FSDP2 is pruned with the statistics recorded during training "
+                         "(statistics 'training'); the calibration pass runs blocks on their own, outside the "
+                         "sharded forward")
     if memory is None:  # a call on its own: nothing reads what it would carry, so nothing is kept or written
         memory, carry = PruneMemory(scores=CarriedTensors(offload=False), masks=CarriedTensors(offload=False)), ()
     call = _Call(arch, config, memory, PruneReport(config=asdict(config), call=memory.calls + 1),
@@ -256,10 +264,13 @@ def prune(model, calib, config: PruneConfig | None = None, *, memory: PruneMemor
     report = call.report
 
     def on_block(block, stats):
-        for role in roles:
-            start = time.perf_counter()
-            _prune_module(call, block, role, stats[role])
-            report.modules[block.qualified(role)]["seconds"] = time.perf_counter() - start
+        # a sharded model: the block's targets are gathered whole, and their new values written
+        # back to every rank's shards when the block is done (a no-op for a plain model)
+        with sharding.gathered(block.targets.values(), call.shards):
+            for role in roles:
+                start = time.perf_counter()
+                _prune_module(call, block, role, stats[role])
+                report.modules[block.qualified(role)]["seconds"] = time.perf_counter() - start
 
     started = time.perf_counter()
     try:
@@ -272,6 +283,8 @@ def prune(model, calib, config: PruneConfig | None = None, *, memory: PruneMemor
     except BaseException:
         call.undo.commit()
         for index, target in reversed(list(enumerate(call.changed))):
+            if id(target) in call.shards:  # a gathered tensor: its shard is what the model holds
+                target = call.shards[id(target)].to_local()
             target.copy_(call.undo.get(str(index)).to(target.device))
         memory.scores.discard()
         memory.masks.discard()
@@ -310,6 +323,7 @@ class _Call:
     keep_masks: bool
     undo: CarriedTensors
     changed: list[torch.Tensor] = field(default_factory=list)  # undo entry i is the original of changed[i]
+    shards: dict = field(default_factory=dict)  # id of a gathered full tensor -> its sharded parameter
 
 
 def _prune_module(call: _Call, block: BlockMap, role: str, stats: ModuleStats) -> None:
@@ -319,7 +333,8 @@ def _prune_module(call: _Call, block: BlockMap, role: str, stats: ModuleStats) -
     parts = lora_parts(module) if config.merge else None  # without a merge the adapter is left alone
     A, B, scale = parts if parts is not None else (None, None, 0.0)
     for tensor in (weight,) + ((A, B) if parts else ()):
-        call.undo.stage(str(len(call.changed)), tensor)
+        sharded = call.shards.get(id(tensor))  # a gathered tensor: the undo keeps this rank's shard only
+        call.undo.stage(str(len(call.changed)), tensor if sharded is None else sharded.to_local())
         call.changed.append(tensor)
     nm = parse_pattern(config.pattern)
     sparsity = config.effective_sparsity

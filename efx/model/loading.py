@@ -116,7 +116,7 @@ def load_tokenizer(name_or_path: str | os.PathLike | None = None):
 
 
 def load_model(name_or_path: str | os.PathLike | None = None, *, dtype: torch.dtype | str | None = None,
-               device: str | torch.device = "cpu"):
+               device: str | torch.device = "cpu", fsdp: bool = False):
     """Load a causal LM and its tokenizer.
 
     Args:
@@ -126,6 +126,8 @@ def load_model(name_or_path: str | os.PathLike | None = None, *, dtype: torch.dt
         dtype: parameter dtype (torch dtype or a name of DTYPES); None: the dtype a Hugging Face
             folder was saved in, float32 for a GGUF file (dequantized) and the embedded model.
         device: where the model is placed ("auto", "cpu", "cuda", "cuda:N" or a torch.device).
+        fsdp: shard the model over the ranks of a distributed launch as it loads (FSDP2, one unit
+            per decoder layer; on CUDA each rank uses the GPU of its local rank).
     Returns:
         (model, tokenizer); the tokenizer always has a pad token.
     """
@@ -138,6 +140,16 @@ def load_model(name_or_path: str | os.PathLike | None = None, *, dtype: torch.dt
     elif "gguf_file" in kwargs:
         dtype = torch.float32
     tokenizer = load_tokenizer(name_or_path)
+    if fsdp:
+        from efx import distributed
+        if not distributed.launched():
+            raise ValueError("fsdp shards the model over the processes of a distributed launch: run under "
+                             "torchrun --nproc-per-node N (or accelerate launch)")
+        if device.type == "cuda":
+            device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+            torch.cuda.set_device(device)
+        distributed.init(device)
+        kwargs["distributed_config"] = distributed.fsdp_config()
     try:
         model = AutoModelForCausalLM.from_pretrained(source, dtype=dtype or "auto", **kwargs)
     except (OSError, ValueError, KeyError) as err:
@@ -148,7 +160,8 @@ def load_model(name_or_path: str | os.PathLike | None = None, *, dtype: torch.dt
         del model.config.quantization_config
         model.hf_quantizer = None
         model.is_quantized = False
-    model.to(device)
+    if not fsdp:  # a sharded model places its own shards
+        model.to(device)
     model.eval()
     log.info("loaded %s (%d parameters, %s, %s)", name_or_path or "embedded SmolLM2-135M-Instruct",
              sum(p.numel() for p in model.parameters()), str(model.dtype).replace("torch.", ""), device)
