@@ -15,12 +15,12 @@ from collections import defaultdict
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from efx.data import sources
+from efx.data import leakage, sources
 from efx.io import atomic_write_text
 
 log = logging.getLogger(__name__)
 
-SUITE_VERSION = 2
+SUITE_VERSION = 3  # 3: licences split by family, evaluation items leaking from training dropped
 BUILTIN = ("medical", "legal")
 N_CHOICES = 4
 
@@ -142,7 +142,8 @@ def nearest_names(name: str, pool: list[str], k: int) -> list[str]:
 
 def build_legal(seed: int = 0, n_test: int = 300, n_val: int = 100, n_train_per_task: int = 3000) -> Suite:
     """License excerpt -> category and notice -> license (distractors: licenses of the same
-    category); perplexity on held-out license texts. Split by license key."""
+    category); perplexity on held-out license texts. Split by licence family (the key without its
+    version numbers), so that the versions of one licence land in one split."""
     rng = random.Random(seed)
     licenses = sources.read_licenses()
     by_key = {lic.key: lic for lic in licenses}
@@ -152,7 +153,7 @@ def build_legal(seed: int = 0, n_test: int = 300, n_val: int = 100, n_train_per_
         names_by_category[lic.category].append(lic.name)
     splits: dict[str, dict[str, list]] = {s: defaultdict(list) for s in ("train", "val", "test")}
     for lic in licenses:
-        split = split_of("license:" + lic.key, seed)
+        split = split_of("license:" + leakage.license_family(lic.key), seed)
         prompt = f"Which license category fits the license that begins:\n{_clip(lic.text, 300)}"
         others = rng.sample([c for c in categories if c != lic.category], N_CHOICES - 1)
         splits[split]["license_category"].append(multiple_choice(prompt, lic.category, others, rng))
@@ -167,7 +168,7 @@ def build_legal(seed: int = 0, n_test: int = 300, n_val: int = 100, n_train_per_
         if lic.key not in lookalikes:
             lookalikes[lic.key] = nearest_names(lic.name, names_by_category[lic.category], N_CHOICES - 1)
         distractors = list(lookalikes[lic.key])
-        splits[split_of("license:" + lic.key, seed)]["notice_license"].append(
+        splits[split_of("license:" + leakage.license_family(lic.key), seed)]["notice_license"].append(
             multiple_choice(prompt, lic.name, distractors, rng))
 
     train = []
@@ -183,18 +184,25 @@ def build_legal(seed: int = 0, n_test: int = 300, n_val: int = 100, n_train_per_
 
 
 def _finish(name, seed, train, splits, n_test, n_val, rng, task_names, ppl_texts, system, source) -> Suite:
-    # distinct source items can share a text (duplicate licenses, repeated notices): an
-    # evaluation item whose prompt also occurs in training is dropped
-    seen = {it["prompt"] for t in task_names for it in splits["train"][t]}
-    for split in ("val", "test"):
+    # distinct source items can share a text (near-identical licences, shared definitions): an
+    # evaluation item that is a near-duplicate of a training text (a test item: or of a
+    # validation text) is dropped (efx.data.leakage)
+    trained = [ex["prompt"] + "\n" + ex["completion"] for ex in train]
+    dropped = {}
+    corpus = leakage.Corpus(trained)
+    for split, extra in (("val", []), ("test", [it["prompt"] for t in task_names for it in splits["val"][t]])):
+        corpus = leakage.Corpus(trained + extra) if extra else corpus
         for t in task_names:
-            splits[split][t] = [it for it in splits[split][t] if it["prompt"] not in seen]
+            leaks = leakage.leaked(splits[split][t], corpus)
+            splits[split][t] = [it for it, leak in zip(splits[split][t], leaks) if not leak]
+            dropped.setdefault(split, {})[t] = sum(leaks)
     tasks = {t: _sample(splits["test"][t], n_test, rng) for t in task_names}
     val = {t: _sample(splits["val"][t], n_val, rng) for t in task_names}
     info = {"source": source, "seed": seed, "version": SUITE_VERSION, "n_train": len(train),
             "n_test": {t: len(v) for t, v in tasks.items()}, "n_val": {t: len(v) for t, v in val.items()},
             "n_ppl_texts": len(ppl_texts),
-            "test_pool": {t: len(splits["test"][t]) for t in task_names}}
+            "test_pool": {t: len(splits["test"][t]) for t in task_names},
+            "leak_check": {"window": leakage.WINDOW, "dropped": dropped}}
     return Suite(name, train, tasks, ppl_texts, val, system, info)
 
 

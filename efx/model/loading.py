@@ -140,14 +140,14 @@ def load_model(name_or_path: str | os.PathLike | None = None, *, dtype: torch.dt
     elif "gguf_file" in kwargs:
         dtype = torch.float32
     tokenizer = load_tokenizer(name_or_path)
+    from efx import distributed
+    if device.type == "cuda" and distributed.launched():  # each rank its own GPU
+        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+        torch.cuda.set_device(device)
     if fsdp:
-        from efx import distributed
         if not distributed.launched():
             raise ValueError("fsdp shards the model over the processes of a distributed launch: run under "
                              "torchrun --nproc-per-node N (or accelerate launch)")
-        if device.type == "cuda":
-            device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
-            torch.cuda.set_device(device)
         distributed.init(device)
         kwargs["distributed_config"] = distributed.fsdp_config()
     try:
