@@ -22,6 +22,7 @@ from dataclasses import asdict, replace
 from pathlib import Path
 
 from efx.data.suites import load_suite
+from efx.evaluation.paired import retention_difference as paired_difference
 from efx.evaluation.evaluate import evaluate, retention
 from efx.io import atomic_write_text
 from efx.measure import measure
@@ -151,6 +152,40 @@ def summary(results: dict) -> list[str]:
     return lines
 
 
+def paired(results: dict) -> list[str]:
+    """Per domain and sparsity: each method's retention, mean and spread (max - min) over its seeds,
+    and the paired 95% interval of its task-retention difference to the best baseline (the
+    baseline of highest mean), for rows evaluated with per-item results (efx.evaluation.paired)."""
+    dense = dense_references(results)
+    lines = []
+    settings = sorted({(r["domain"], r["sparsity_setting"]) for r in results.values() if r["method"] != "dense"})
+    for domain, sparsity in settings:
+        by_method: dict[str, dict] = {}
+        for r in results.values():
+            if (r["domain"], r["sparsity_setting"]) == (domain, sparsity) and (domain, r["seed"]) in dense:
+                by_method.setdefault(r["method"], {})[r["seed"]] = r
+        means = {m: [retention(r["eval"], dense[(domain, s)]["eval"], metric="accuracy_norm")["overall"]
+                     for s, r in runs.items()] for m, runs in by_method.items()}
+        baselines = [m for m in by_method if "/" in m]
+        if not baselines:
+            continue
+        best = max(baselines, key=lambda m: sum(means[m]) / len(means[m]))
+        evals = lambda m: {s: r["eval"] for s, r in by_method[m].items()}  # noqa: E731
+        refs = {s: dense[(domain, s)]["eval"] for d, s in dense if d == domain}
+        rows = []
+        for method in sorted(by_method, key=lambda m: -sum(means[m]) / len(means[m])):
+            vals = means[method]
+            diff = None if method == best else paired_difference(evals(method), evals(best), refs)
+            interval = "" if diff is None else f"{diff['difference']:+.3f} [{diff['low']:+.3f}, {diff['high']:+.3f}]"
+            rows.append(f"| {method} | {len(vals)} | {sum(vals) / len(vals):.3f} | {max(vals) - min(vals):.3f} | "
+                        f"{interval} |")
+        if any(row.rstrip(" |").endswith("]") for row in rows):
+            lines += [f"### {domain}, {sparsity} (best baseline: {best})", "",
+                      "| method | seeds | mean retention | spread | task-retention difference to the best baseline "
+                      "[paired 95%] |", "| --- | --- | --- | --- | --- |"] + rows + [""]
+    return lines
+
+
 def markdown(results: dict) -> str:
     lines = ["# Domain retention on the embedded SmolLM2-135M-Instruct", "",
              "Scores are length-normalized multiple-choice accuracy (`accuracy_norm`). Retention = mean over a "
@@ -159,6 +194,12 @@ def markdown(results: dict) -> str:
              "per row.", "", "## Summary", "",
              "Task scores and perplexity of seed 0; retention per seed (relative to the dense LoRA of the same seed).",
              ""] + summary(results)
+    comparisons = paired(results)
+    if comparisons:
+        lines += ["## Paired against the best baseline", "",
+                  "Task retention (perplexity left out), per-item paired bootstrap over the test items, pooled over "
+                  "the seeds both methods ran (efx.evaluation.paired); rows without per-item results have no "
+                  "interval.", ""] + comparisons
     dense = dense_references(results)
     for domain in sorted({r["domain"] for r in results.values()}):
         rows = [r for r in results.values() if r["domain"] == domain and r["method"] != "dense"]

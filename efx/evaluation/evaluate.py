@@ -166,6 +166,8 @@ def score_task(items: list[dict], logprobs: list[list[tuple]]) -> dict:
         predicted = [it["choices"][p] for it, p in zip(items, picks)]
         out["accuracy" + suffix] = sum(p == it["answer"] for p, it in zip(picks, items)) / len(items)
         out["macro_f1" + suffix] = macro_f1(gold, predicted)
+        if suffix:  # per item, for paired comparisons of methods on the same items (efx.evaluation.paired)
+            out["correct_norm"] = [int(p == it["answer"]) for p, it in zip(picks, items)]
     if logprobs and len(logprobs[0][0]) == 3:
         out.update(harness_fit.metrics(items, [[lp[2] for lp in lps] for lps in logprobs]))
     return out
