@@ -344,11 +344,15 @@ def _prune_module(call: _Call, block: BlockMap, role: str, stats: ModuleStats) -
         keep = efx_kernels.foresight_nm_keep_mask(**score_inputs(call.arch, block, role, stats, config.preset,
                                                                  config.merge), n=nm[0], m=nm[1])
     elif config.method in FORESIGHT_METHODS:
+        sharded = call.shards.get(id(weight))  # a sharded model: each rank keeps its shard of the score
         prev = memory.scores.get(name) if config.use_memory else None
+        if prev is not None and sharded is not None:
+            prev = sharding.gather_like(prev, sharded)
         score = foresight_score(call.arch, block, role, stats, config.preset, prev=prev, eta=config.mask_lr,
                                 adapter=config.merge)
         if call.keep_scores:
-            memory.scores.stage(name, score.to(torch.bfloat16))
+            kept_score = score if sharded is None else sharding.shard_like(score, sharded)
+            memory.scores.stage(name, kept_score.to(torch.bfloat16))
         keep = select_keep_mask(score, sparsity, config.pattern, config.granularity)
         del score, prev  # 4 + 2 bytes per weight that the merge below does not need
     elif config.method == "sparsegpt":

@@ -45,12 +45,23 @@ def on_every_rank(flag: bool) -> bool:
     return bool(value.item())
 
 
+def shard_like(full: torch.Tensor, sharded) -> torch.Tensor:
+    """This rank's part of `full`, a tensor of `sharded`'s shape, as `sharded` places it."""
+    from torch.distributed.tensor import distribute_tensor
+    return distribute_tensor(full.detach(), sharded.device_mesh, sharded.placements, src_data_rank=None).to_local()
+
+
+def gather_like(local: torch.Tensor, sharded) -> torch.Tensor:
+    """The full tensor whose parts the ranks hold as `sharded`'s shards are placed (a collective)."""
+    from torch.distributed.tensor import DTensor
+    return DTensor.from_local(local.to(sharded.to_local().device), sharded.device_mesh, sharded.placements,
+                              shape=sharded.shape, stride=sharded.stride()).full_tensor()
+
+
 @torch.no_grad()
 def write_back(full: torch.Tensor, sharded) -> None:
     """This rank's part of `full` into the local shard of `sharded` (same placements)."""
-    from torch.distributed.tensor import distribute_tensor
-    local = distribute_tensor(full.detach(), sharded.device_mesh, sharded.placements, src_data_rank=None)
-    sharded.to_local().copy_(local.to_local())
+    sharded.to_local().copy_(shard_like(full, sharded))
 
 
 @contextmanager
