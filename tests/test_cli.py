@@ -156,3 +156,17 @@ def test_summary_names_meaningless_retentions_and_smoke_runs():
     settings = _settings_from(build_parser().parse_args(["run", "--quick", "--epochs", "3"]))
     assert settings.quick and settings.epochs == 3 and settings.eval_items == 50
     assert not _settings_from(build_parser().parse_args(["run"])).quick
+
+
+def test_fsdp_settings_it_cannot_run_are_refused(monkeypatch):
+    from efx.cli.run import RunSettings
+    with pytest.raises(ValueError, match="distributed launch"):
+        RunSettings(fsdp=True).validate()
+    monkeypatch.setenv("WORLD_SIZE", "2")  # as torchrun sets it
+    RunSettings(fsdp=True, device="cpu").validate()
+    RunSettings(fsdp=True, device="cpu", method="dense").validate()
+    for bad, message in (({"masked_adapter": True}, "--masked-adapter"), ({"method": "wanda"}, "recorded during"),
+                         ({"prune_at_start": True}, "recorded during"), ({"obs_update": True}, "recorded during"),
+                         ({"statistics": "calibration"}, "recorded during")):
+        with pytest.raises(ValueError, match=message):
+            RunSettings(fsdp=True, device="cpu", **bad).validate()

@@ -173,8 +173,11 @@ class RunSettings:
             if not distributed.launched():
                 raise ValueError("--fsdp shards the model over the processes of a distributed launch: run "
                                  "torchrun --nproc-per-node N efx run --fsdp ... (or accelerate launch)")
-            if self.method not in FORESIGHT_METHODS + ("dense",) or self.callback_statistics != "training" \
-                    or self.prune_at_start:
+            if self.masked_adapter:
+                raise ValueError("--masked-adapter holds a full keep-mask of every target on each rank, which "
+                                 "--fsdp exists to avoid")
+            if self.method != "dense" and (self.method not in FORESIGHT_METHODS or self.prune_at_start
+                                           or self.callback_statistics != "training"):
                 raise ValueError("--fsdp prunes with the statistics recorded during training: efficientxpert or "
                                  "foresight with --statistics training (the default) and without --prune-at-start "
                                  "or --obs-update, or --method dense; the calibration pass and the baselines run "
