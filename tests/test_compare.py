@@ -62,3 +62,29 @@ def test_compare_refuses_an_occupied_output_before_reading_runs(tmp_path):
     with pytest.raises(FileExistsError, match="is a file"):
         compare(missing, afile, overwrite=True)
     assert (taken / "keep.txt").read_text() == "user file" and afile.read_text() == "user file"
+
+
+def test_compare_gives_seed_mean_spread_and_the_paired_interval_against_the_best_baseline(tmp_path):
+    def run(folder, method, seed, items, pipeline=None):
+        folder.mkdir(parents=True)
+        acc = sum(items) / len(items)
+        report = {"settings": {"method": method, "preset": "efx", "pipeline": pipeline, "sparsity": 0.4,
+                               "pattern": "unstructured", "seed": seed, "domain": "medical", "eval_items": None},
+                  "retention": {"overall": acc / 0.75, "metric": "accuracy_norm"}, "sparsity": {"overall": 0.4},
+                  "expert_eval": {"tasks": {"quiz": {"accuracy_norm": acc, "majority_baseline": 0.25,
+                                                     "correct_norm": items}}},
+                  "dense_eval": {"tasks": {"quiz": {"accuracy_norm": 0.75, "majority_baseline": 0.25}}}}
+        (folder / "report.json").write_text(json.dumps(report))
+        return str(folder)
+    runs = [run(tmp_path / f"e{s}", "efficientxpert", s, [1, 1, 0, 0] * 10) for s in (0, 1)]
+    runs += [run(tmp_path / f"s{s}", "sparsegpt", s, [1, 0, 0, 0] * 10 if s else [1, 1, 1, 0] * 10,
+                 "prune-lora-reprune") for s in (0, 1)]
+    runs += [run(tmp_path / "w0", "wanda", 0, [0, 0, 0, 0] * 10)]
+    out = tmp_path / "cmp"
+    assert main(["compare", *runs, "--output", str(out)]) == 0
+    table = (out / "compare.md").read_text()
+    # sparsegpt: retention 1.0 and 0.333, mean 0.667, spread 0.667; efficientxpert: 0.667 twice
+    assert "| sparsegpt (prune-lora-reprune) | 0.4 | 0, 1 | 0.667 | 0.667 | best baseline |" in table
+    # paired: ((0.5 - 0.75) + (0.5 - 0.25)) / 0.75 / 2 = 0.0
+    assert "| efficientxpert (efx) | 0.4 | 0, 1 | 0.667 | 0.000 | +0.000 [" in table
+    assert "| wanda (lora-prune) | 0.4 | 0 | 0.000 | 0.000 | -" in table

@@ -6,6 +6,7 @@ import json
 from collections import defaultdict
 from pathlib import Path
 
+from efx.evaluation.paired import retention_difference
 from efx.io import atomic_folder, check_output_free
 from efx.method.prune import FORESIGHT_METHODS
 from efx.evaluation.report import retention_plot
@@ -72,6 +73,7 @@ def compare(runs: list[str | Path], output: str | Path, *, overwrite: bool = Fal
         ppl = f"{row['perplexity']:.2f}" if row["perplexity"] else "—"
         lines.append(f"| {row['run']} | {row['method']} | {setting} | {row['seed']} | {cells} | {ppl} | "
                      f"**{row['retention']:.3f}** | {row['measured_sparsity']:.4f} |")
+    lines += [""] + _by_method(loaded)
     plotted = {label: points for label, points in series.items() if len({p[0] for p in points}) > 1}
     with atomic_folder(output, overwrite=overwrite) as folder:
         (folder / "compare.md").write_text("\n".join(lines) + "\n")
@@ -79,3 +81,37 @@ def compare(runs: list[str | Path], output: str | Path, *, overwrite: bool = Fal
         if plotted:
             retention_plot(plotted, folder / "retention_vs_sparsity.png", f"{domain}: retention vs sparsity")
     return {"rows": rows, "plotted": sorted(plotted)}
+
+
+def _by_method(loaded: list[tuple[Path, dict]]) -> list[str]:
+    """Per method and setting: the seeds, their mean retention and spread (max - min), and the
+    paired 95% interval of the task-retention difference to the best baseline of that setting
+    (runs with per-item results only; efx.evaluation.paired)."""
+    groups: dict[tuple[str, str], dict[int, dict]] = defaultdict(dict)
+    for _, report in loaded:
+        s = report["settings"]
+        setting = str(s["sparsity"]) if s["pattern"] == "unstructured" else s["pattern"]
+        groups[(method_label(s), setting)][s["seed"]] = report
+    lines = ["## By method", "", "Mean and spread (max - min) of retention over seeds; the last column: task-retention "
+             "difference to the best baseline of the setting (highest mean), paired bootstrap 95% over the same "
+             "test items, pooled over the seeds both ran.", "",
+             "| method | setting | seeds | mean retention | spread | vs best baseline [95%] |",
+             "| --- | --- | --- | --- | --- | --- |"]
+    for setting in sorted({k[1] for k in groups}):
+        methods = {m: runs for (m, st), runs in groups.items() if st == setting}
+        mean = {m: sum(r["retention"]["overall"] for r in runs.values()) / len(runs) for m, runs in methods.items()}
+        baselines = [m for m in methods if not m.startswith(FORESIGHT_METHODS) and m != "dense"]
+        best = max(baselines, key=mean.get) if baselines else None
+        for method in sorted(methods, key=lambda m: -mean[m]):
+            runs = methods[method]
+            values = [r["retention"]["overall"] for r in runs.values()]
+            cell = "best baseline" if method == best else ""
+            if best is not None and method != best:
+                diff = retention_difference({s: r["expert_eval"] for s, r in runs.items()},
+                                            {s: r["expert_eval"] for s, r in methods[best].items()},
+                                            {s: r["dense_eval"] for s, r in runs.items() if "dense_eval" in r})
+                if diff is not None:
+                    cell = f"{diff['difference']:+.3f} [{diff['low']:+.3f}, {diff['high']:+.3f}]"
+            lines.append(f"| {method} | {setting} | {', '.join(map(str, sorted(runs)))} | {mean[method]:.3f} | "
+                         f"{max(values) - min(values):.3f} | {cell} |")
+    return lines

@@ -187,16 +187,23 @@ def plots(report: dict, folder: Path) -> list[str]:
 
 
 def retention_plot(series: dict[str, list[tuple[float, float]]], path: Path, title: str = "") -> str:
-    """Retention against sparsity, one line per method (for results covering several sparsities)."""
+    """Retention against sparsity, one line per method (for results covering several sparsities).
+    Several points at one sparsity (seeds) are drawn as their mean with a bar from the lowest to
+    the highest."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     fig, ax = plt.subplots(figsize=(6.5, 4))
     colors = plt.get_cmap("tab10").colors
     for i, (label, points) in enumerate(sorted(series.items())):  # past ten lines, the colors repeat dashed
-        xs, ys = zip(*sorted(points))
-        ax.plot(xs, ys, marker="o", label=label, color=colors[i % len(colors)],
-                ls=("-", "--", ":")[i // len(colors) % 3])
+        by_x: dict[float, list[float]] = {}
+        for x, y in points:
+            by_x.setdefault(x, []).append(y)
+        xs = sorted(by_x)
+        means = [sum(by_x[x]) / len(by_x[x]) for x in xs]
+        bars = [[m - min(by_x[x]) for x, m in zip(xs, means)], [max(by_x[x]) - m for x, m in zip(xs, means)]]
+        ax.errorbar(xs, means, yerr=bars if any(len(v) > 1 for v in by_x.values()) else None, marker="o",
+                    label=label, color=colors[i % len(colors)], ls=("-", "--", ":")[i // len(colors) % 3], capsize=3)
     ax.axhline(1.0, color="grey", lw=0.5)
     ax.axhline(0.98, color="grey", lw=0.5, ls="--")
     ax.set_xlabel("sparsity")
