@@ -20,7 +20,7 @@ MANIFEST = "efx_sparse.json"
 
 def save_sparse(model, folder: str | os.PathLike, tokenizer=None, *, overwrite: bool = False) -> Path:
     """Write the packed checkpoint of `model` into `folder` (never half-written)."""
-    from safetensors.torch import save_model
+    from safetensors.torch import save_file
 
     inner = unwrap(model)
     modules = {name: m.config() for name, m in inner.named_modules() if isinstance(m, SparseLoRALinear)}
@@ -31,9 +31,27 @@ def save_sparse(model, folder: str | os.PathLike, tokenizer=None, *, overwrite: 
         inner.config.save_pretrained(tmp)
         if tokenizer is not None:
             tokenizer.save_pretrained(tmp)
-        save_model(inner, str(tmp / WEIGHTS), metadata={"format": "pt", "efx_format_version": str(FORMAT_VERSION)})
+        save_file(_state_once(inner), str(tmp / WEIGHTS),
+                  metadata={"format": "pt", "efx_format_version": str(FORMAT_VERSION)})
         (tmp / MANIFEST).write_text(json.dumps({"format_version": FORMAT_VERSION, "modules": modules}, indent=1))
     return folder
+
+
+def _state_once(model) -> dict:
+    """The state dict with each shared tensor once, under the input embedding's name where it is
+    that (a head tied to the embedding is stored as the embedding, which `load_sparse` ties back)."""
+    state = model.state_dict()
+    embedding = model.get_input_embeddings().weight
+    first = sorted(state, key=lambda k: state[k] is not embedding and not (
+        state[k].data_ptr() == embedding.data_ptr() and state[k].shape == embedding.shape))
+    kept, seen = {}, set()
+    for name in first:
+        tensor = state[name]
+        key = (tensor.data_ptr(), tensor.dtype, tuple(tensor.shape), tensor.stride())
+        if key not in seen:
+            seen.add(key)
+            kept[name] = tensor.contiguous()
+    return kept
 
 
 def load_sparse(folder: str | os.PathLike, *, device: str | torch.device = "cpu"):
