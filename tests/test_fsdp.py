@@ -58,17 +58,11 @@ def test_a_bad_shard_on_one_rank_fails_every_rank_with_the_same_message(model_di
     assert not (tmp_path / "world2.pt").exists()
 
 
-def test_efx_run_fsdp_writes_one_sparse_expert_and_reports_the_launch(model_dir, tmp_path):
-    data = tmp_path / "data"
-    data.mkdir()
-    words = ["alpha", "gamma", "delta", "omega"]
-    (data / "train.jsonl").write_text("\n".join(json.dumps({"prompt": f"say {w}", "completion": w})
-                                                for w in words * 4))
-    (data / "quiz.jsonl").write_text("\n".join(json.dumps({"prompt": f"say {w}", "choices": words, "answer": i})
-                                               for i, w in enumerate(words)))
+def test_efx_run_fsdp_writes_one_sparse_expert_and_reports_the_launch(tmp_path):
+    from test_cli import tiny_setup
+    tmp_path, args = tiny_setup.__wrapped__(tmp_path)
     out = tmp_path / "out"
-    efx = [os.path.join(os.path.dirname(sys.executable), "efx"), "run", "--model", str(model_dir), "--domain",
-           str(data), "--epochs", "2", "--n-examples", "8", "--batch-size", "2", "--sparsity", "0.5", "--fsdp",
+    efx = [os.path.join(os.path.dirname(sys.executable), "efx"), *args, "--batch-size", "2", "--fsdp",
            "--keep-adapter", "--output", str(out)]
     done = torchrun(efx, 29525)
     assert done.stdout.count("overall retention") == 1  # rank 0 alone prints and writes
