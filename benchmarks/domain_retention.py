@@ -21,7 +21,7 @@ import time
 from dataclasses import asdict, replace
 from pathlib import Path
 
-from efx.data.suites import load_suite
+from efx.data.suites import SUITE_VERSION, load_suite
 from efx.evaluation.paired import retention_difference as paired_difference
 from efx.evaluation.evaluate import evaluate, retention
 from efx.io import atomic_write_text
@@ -69,6 +69,14 @@ METHODS = {
 UNSTRUCTURED_ONLY = {"efficientxpert-paper"}
 # efx options measured on demand (--methods NAME); the default run is the issue's method list
 VARIANTS = {name for name in METHODS if name.startswith("efficientxpert-efx-")}
+
+
+def suite_mismatch(results: dict, domains) -> str:
+    """The rows of `domains` measured on a suite version other than this efx's (rows from before
+    the version was recorded are v2), as "domain v2, ..."; empty when there are none."""
+    found = sorted({f"{r['domain']} v{r.get('suite_version', 2)}" for r in results.values()
+                    if r["domain"] in domains and r.get("suite_version", 2) != SUITE_VERSION})
+    return ", ".join(found)
 
 
 def key(domain, method, sparsity, seed) -> str:
@@ -277,6 +285,10 @@ def main() -> None:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
     path = Path(args.output) / "domain_retention.json"
     results = json.loads(path.read_text()) if path.is_file() else {}
+    stale = suite_mismatch(results, args.domains)
+    if stale:
+        sys.exit(f"{path} holds rows measured on another suite version ({stale}); this efx builds suite "
+                 f"v{SUITE_VERSION}, whose test items differ: write to a new --output folder")
     command = " ".join(["python"] + sys.argv)
     machine = f"{platform.machine()}, {platform.processor() or 'cpu'}, torch threads {__import__('torch').get_num_threads()}"
 
@@ -309,6 +321,7 @@ def main() -> None:
                               and r["domain"] == domain and r["settings"].get("eval_items") == settings.eval_items]
                     base_eval = stored[0] if stored else evaluate(base, tokenizer, suite, max_items=settings.eval_items)
                     save(dense_key, {"domain": domain, "method": "dense", "sparsity_setting": "-", "seed": seed,
+                                     "suite_version": SUITE_VERSION,
                                      "eval": dense_eval, "base_eval": base_eval, "measure": record,
                                      "wall_seconds": time.perf_counter() - started, "settings": asdict(settings),
                                      "versions": versions(), "machine": machine, "command": command})
@@ -323,6 +336,7 @@ def main() -> None:
                     log.info("running %s", entry_key)
                     entry = run_one(base, tokenizer, suite, settings, method, sparsity, dense_model)
                     entry.update({"domain": domain, "method": method, "sparsity_setting": sparsity, "seed": seed,
+                                  "suite_version": SUITE_VERSION,
                                   "wall_seconds": time.perf_counter() - started, "settings": asdict(settings),
                                   "versions": versions(), "machine": machine, "command": command})
                     save(entry_key, entry)

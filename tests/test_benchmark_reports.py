@@ -74,3 +74,20 @@ def test_scale_benchmark_measures_a_call_and_writes_its_row(tmp_path):
     assert row["case"] == "call:narrow:2" and row["layer_target_mb"] == 26.0  # 13.6 M bf16 target weights a layer
     assert row["call_seconds"] > 0 and row["extra_peak_rss_mb"] > 0
     assert result["extrapolation"]["plan_gb"]["total"] > result["extrapolation"]["plan_gb"]["model"]
+
+
+def test_the_retention_grid_refuses_to_mix_rows_of_another_suite_version(tmp_path, monkeypatch):
+    import json
+    import sys
+
+    import pytest
+    from efx.data.suites import SUITE_VERSION
+    bench = load_benchmark()
+    old = entry("efficientxpert-efx", "0.4", 0, 0.7, 10.0)  # a row from before versions were recorded: v2
+    assert bench.suite_mismatch({"a": old}, ["medical"]) == "medical v2"
+    assert bench.suite_mismatch({"a": old}, ["legal"]) == ""
+    assert bench.suite_mismatch({"a": dict(old, suite_version=SUITE_VERSION)}, ["medical"]) == ""
+    (tmp_path / "domain_retention.json").write_text(json.dumps({"medical|efficientxpert-efx|0.4|0": old}))
+    monkeypatch.setattr(sys, "argv", ["domain_retention.py", "--domains", "medical", "--output", str(tmp_path)])
+    with pytest.raises(SystemExit, match="another suite version \\(medical v2\\)"):
+        bench.main()
