@@ -22,7 +22,7 @@ from dataclasses import asdict, replace
 from pathlib import Path
 
 from efx.data.suites import SUITE_VERSION, load_suite
-from efx.evaluation.paired import retention_difference as paired_difference
+from efx.evaluation.paired import against_best_baseline, interval_text
 from efx.evaluation.evaluate import evaluate, retention
 from efx.io import atomic_write_text
 from efx.measure import measure
@@ -172,25 +172,18 @@ def paired(results: dict) -> list[str]:
         for r in results.values():
             if (r["domain"], r["sparsity_setting"]) == (domain, sparsity) and (domain, r["seed"]) in dense:
                 by_method.setdefault(r["method"], {})[r["seed"]] = r
-        means = {m: [retention(r["eval"], dense[(domain, s)]["eval"], metric="accuracy_norm")["overall"]
-                     for s, r in runs.items()] for m, runs in by_method.items()}
-        baselines = [m for m in by_method if "/" in m]
-        if not baselines:
+        methods = {m: {s: (retention(r["eval"], dense[(domain, s)]["eval"], metric="accuracy_norm")["overall"],
+                           r["eval"]) for s, r in runs.items()} for m, runs in by_method.items()}
+        table = against_best_baseline(methods, {s: dense[(domain, s)]["eval"] for d, s in dense if d == domain},
+                                      lambda m: "/" in m)
+        if not any(row["difference"] for row in table):  # no baseline, or no per-item results
             continue
-        best = max(baselines, key=lambda m: sum(means[m]) / len(means[m]))
-        evals = lambda m: {s: r["eval"] for s, r in by_method[m].items()}  # noqa: E731
-        refs = {s: dense[(domain, s)]["eval"] for d, s in dense if d == domain}
-        rows = []
-        for method in sorted(by_method, key=lambda m: -sum(means[m]) / len(means[m])):
-            vals = means[method]
-            diff = None if method == best else paired_difference(evals(method), evals(best), refs)
-            interval = "" if diff is None else f"{diff['difference']:+.3f} [{diff['low']:+.3f}, {diff['high']:+.3f}]"
-            rows.append(f"| {method} | {len(vals)} | {sum(vals) / len(vals):.3f} | {max(vals) - min(vals):.3f} | "
-                        f"{interval} |")
-        if any(row.rstrip(" |").endswith("]") for row in rows):
-            lines += [f"### {domain}, {sparsity} (best baseline: {best})", "",
-                      "| method | seeds | mean retention | spread | task-retention difference to the best baseline "
-                      "[paired 95%] |", "| --- | --- | --- | --- | --- |"] + rows + [""]
+        best = next(row["method"] for row in table if row["best"])
+        lines += [f"### {domain}, {sparsity} (best baseline: {best})", "",
+                  "| method | seeds | mean retention | spread | task-retention difference to the best baseline "
+                  "[paired 95%] |", "| --- | --- | --- | --- | --- |"]
+        lines += [f"| {row['method']} | {len(row['seeds'])} | {row['mean']:.3f} | {row['spread']:.3f} | "
+                  f"{interval_text(row['difference'])} |" for row in table] + [""]
     return lines
 
 

@@ -12,10 +12,12 @@ output write. The backward kernel computes dX the same way; the LoRA gradients a
 GEMMs done by torch.
 
 Tile conventions: a weight tile is BLOCK_ROWS output features x 64 input features; bitmap
-tiles are 16 x 64, so bitmap kernels use BLOCK_ROWS = 16. Every weight load is pipelined with
-the activation load (cp.async into shared memory, num_stages deep); the 2:4 tile is read as one
-int64 position word and sixteen int32 value pairs per row, and its four lanes per group are
-placed with 64-bit shifts, not one masked load per element.
+tiles are 16 x 64, so bitmap kernels use BLOCK_ROWS = 16. The masked and 2:4 weight loads are
+pipelined with the activation load (cp.async into shared memory, num_stages deep); the 2:4 tile
+is read as one int64 position word and sixteen int32 value pairs per row, and its four lanes per
+group are placed with 64-bit shifts, not one masked load per element. The bitmap tile gathers
+its values with one 2-byte load per kept element, outside the pipeline (sm_90 SASS:
+benchmarks/kernel_static.py).
 
 dtypes: the kernels take fp16 and bf16 (16-bit tensor-core dots with fp32 accumulation); fp32
 runs the torch path (`_fused_dtypes`).

@@ -368,11 +368,12 @@ def _save_sharded(model, tokenizer, settings: RunSettings, output: Path) -> None
     distributed.barrier()
     main = distributed.is_main()
     if settings.keep_adapter:
-        model.save_pretrained(tmp / ADAPTER, is_main_process=main)
-        model = model.unload()
-    model.save_pretrained(tmp, is_main_process=main)
+        save_with_adapter(model, tokenizer, tmp, is_main_process=main)
+    else:
+        model.save_pretrained(tmp, is_main_process=main)
+        if main:
+            tokenizer.save_pretrained(tmp)
     if main:
-        tokenizer.save_pretrained(tmp)
         config = json.loads((tmp / "config.json").read_text())
         if config.pop("distributed_config", None) is not None:  # the folder loads anywhere, unsharded
             atomic_write_text(tmp / "config.json", json.dumps(config, indent=2))
@@ -380,7 +381,6 @@ def _save_sharded(model, tokenizer, settings: RunSettings, output: Path) -> None
             shutil.rmtree(output / "expert")
         tmp.rename(output / "expert")
     distributed.barrier()
-    return None
 
 
 def _free_memory() -> None:
@@ -415,7 +415,8 @@ def _train_expert(model, tokenizer, suite, settings: RunSettings, output: Path) 
                                                              "reset_optimizer": settings.reset_optimizer})
         calls = report["calls"]
     if settings.fsdp:
-        return {"measure": record, "calls": calls, "packed": _save_sharded(model, tokenizer, settings, output)}
+        _save_sharded(model, tokenizer, settings, output)
+        return {"measure": record, "calls": calls, "packed": None}
     packed = _save(model, tokenizer, settings, output) if distributed.is_main() else None  # DDP: ranks agree
     distributed.barrier()
     return {"measure": record, "calls": calls, "packed": packed}

@@ -6,7 +6,7 @@ import json
 from collections import defaultdict
 from pathlib import Path
 
-from efx.evaluation.paired import retention_difference
+from efx.evaluation.paired import against_best_baseline, interval_text
 from efx.io import atomic_folder, check_output_free
 from efx.method.prune import FORESIGHT_METHODS
 from efx.evaluation.report import retention_plot
@@ -98,20 +98,13 @@ def _by_method(loaded: list[tuple[Path, dict]]) -> list[str]:
              "| method | setting | seeds | mean retention | spread | vs best baseline [95%] |",
              "| --- | --- | --- | --- | --- | --- |"]
     for setting in sorted({k[1] for k in groups}):
-        methods = {m: runs for (m, st), runs in groups.items() if st == setting}
-        mean = {m: sum(r["retention"]["overall"] for r in runs.values()) / len(runs) for m, runs in methods.items()}
-        baselines = [m for m in methods if not m.startswith(FORESIGHT_METHODS) and m != "dense"]
-        best = max(baselines, key=mean.get) if baselines else None
-        for method in sorted(methods, key=lambda m: -mean[m]):
-            runs = methods[method]
-            values = [r["retention"]["overall"] for r in runs.values()]
-            cell = "best baseline" if method == best else ""
-            if best is not None and method != best:
-                diff = retention_difference({s: r["expert_eval"] for s, r in runs.items()},
-                                            {s: r["expert_eval"] for s, r in methods[best].items()},
-                                            {s: r["dense_eval"] for s, r in runs.items() if "dense_eval" in r})
-                if diff is not None:
-                    cell = f"{diff['difference']:+.3f} [{diff['low']:+.3f}, {diff['high']:+.3f}]"
-            lines.append(f"| {method} | {setting} | {', '.join(map(str, sorted(runs)))} | {mean[method]:.3f} | "
-                         f"{max(values) - min(values):.3f} | {cell} |")
+        runs = {m: reports for (m, st), reports in groups.items() if st == setting}
+        methods = {m: {s: (r["retention"]["overall"], r["expert_eval"]) for s, r in reports.items()}
+                   for m, reports in runs.items()}
+        dense = {s: r["dense_eval"] for reports in runs.values() for s, r in reports.items() if "dense_eval" in r}
+        for row in against_best_baseline(methods, dense,
+                                         lambda m: not m.startswith(FORESIGHT_METHODS) and m != "dense"):
+            cell = "best baseline" if row["best"] else interval_text(row["difference"])
+            lines.append(f"| {row['method']} | {setting} | {', '.join(map(str, row['seeds']))} | {row['mean']:.3f} | "
+                         f"{row['spread']:.3f} | {cell} |")
     return lines

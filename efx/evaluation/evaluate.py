@@ -49,8 +49,8 @@ def choice_logprobs(model, tokenizer, items: list[dict], *, system: str | None =
     again with lm-eval's tokens.
     """
     pad = tokenizer.pad_token_id
-    prompts = [tokenizer(format_prompt(tokenizer, it["prompt"], system), add_special_tokens=False)["input_ids"]
-               for it in items]
+    texts = [format_prompt(tokenizer, it["prompt"], system) for it in items]
+    prompts = [tokenizer(text, add_special_tokens=False)["input_ids"] for text in texts]
     choices = []
     for it in items:
         ids = [tokenizer(choice, add_special_tokens=False)["input_ids"] for choice in it["choices"]]
@@ -60,9 +60,8 @@ def choice_logprobs(model, tokenizer, items: list[dict], *, system: str | None =
         choices.append(ids)
     tails, redo = [0] * len(items), []
     if harness:
-        for index, (it, prompt, ids) in enumerate(zip(items, prompts, choices)):
-            pairs = [harness_fit.encode_pair(tokenizer, format_prompt(tokenizer, it["prompt"], system), c)
-                     for c in it["choices"]]
+        for index, (it, text, prompt, ids) in enumerate(zip(items, texts, prompts, choices)):
+            pairs = [harness_fit.encode_pair(tokenizer, text, c) for c in it["choices"]]
             context, tail = pairs[0][0], prompt[len(pairs[0][0]):]
             if prompt[:len(context)] == context and all(cont == tail + i for (_, cont), i in zip(pairs, ids)):
                 tails[index] = len(tail)

@@ -46,3 +46,32 @@ def retention_difference(a: dict[int, dict], b: dict[int, dict], dense: dict[int
     low, high = np.percentile(estimates[1:], [2.5, 97.5])
     return {"difference": float(estimates[0]), "low": float(low), "high": float(high), "seeds": seeds,
             "tasks": tasks, "items": {t: len(a[seeds[0]]["tasks"][t][METRIC]) for t in tasks}}
+
+
+def against_best_baseline(methods: dict[str, dict[int, tuple[float, dict]]], dense: dict[int, dict],
+                          is_baseline) -> list[dict]:
+    """One row per method of one setting, highest mean retention first: its seeds, the mean and
+    spread (max - min) of its retentions, whether it is the best baseline (the baseline of highest
+    mean), and its `retention_difference` to that baseline (None for the baseline itself, without
+    a baseline, or without per-item results).
+
+    methods: method -> seed -> (retention, evaluation result); dense: seed -> evaluation result
+    of dense LoRA."""
+    means = {m: sum(r for r, _ in runs.values()) / len(runs) for m, runs in methods.items()}
+    baselines = [m for m in methods if is_baseline(m)]
+    best = max(baselines, key=means.get) if baselines else None
+    rows = []
+    for method in sorted(methods, key=lambda m: -means[m]):
+        runs = methods[method]
+        values = [r for r, _ in runs.values()]
+        diff = None
+        if best is not None and method != best:
+            diff = retention_difference({s: e for s, (_, e) in runs.items()},
+                                        {s: e for s, (_, e) in methods[best].items()}, dense)
+        rows.append({"method": method, "seeds": sorted(runs), "mean": means[method],
+                     "spread": max(values) - min(values), "best": method == best, "difference": diff})
+    return rows
+
+
+def interval_text(diff: dict | None) -> str:
+    return "" if diff is None else f"{diff['difference']:+.3f} [{diff['low']:+.3f}, {diff['high']:+.3f}]"

@@ -14,15 +14,15 @@ def adapter_folder(model_folder: str | Path) -> Path | None:
     return folder if (folder / "adapter_config.json").is_file() else None
 
 
-def save_with_adapter(model, tokenizer, folder: str | Path):
+def save_with_adapter(model, tokenizer, folder: str | Path, *, is_main_process: bool = True):
     """Write the peft `model`'s adapter to `folder/adapter` and its base, without the adapter
     layers, to `folder`. The peft wrapping is removed in place (no copy of the weights); returns
-    the plain base model."""
+    the plain base model. In a sharded job every rank calls it and the main process writes."""
     folder = Path(folder)
-    model.save_pretrained(folder / ADAPTER)
+    model.save_pretrained(folder / ADAPTER, is_main_process=is_main_process)
     base = model.unload()
-    base.save_pretrained(folder)
-    if tokenizer is not None:
+    base.save_pretrained(folder, is_main_process=is_main_process)
+    if tokenizer is not None and is_main_process:
         tokenizer.save_pretrained(folder)
     return base
 
