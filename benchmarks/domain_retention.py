@@ -35,26 +35,24 @@ from efx.training import train_lora
 
 log = logging.getLogger("domain_retention")
 
-# name -> (PruneConfig fields, pipeline[, EfficientXpertCallback options])
+# name -> (PruneConfig fields, pipeline[, EfficientXpertCallback options]); fields None: what `efx run`
+# does by default (RunSettings' defaults), whatever that is in this efx
 METHODS = {
+    "efx-run-default": (None, "inside"),
     "efficientxpert-efx-masked": ({"method": "efficientxpert", "preset": "efx"}, "inside", {"masked_adapter": True}),
     "efficientxpert-efx-hessian": ({"method": "efficientxpert", "preset": "efx", "pbs_hessian": True}, "inside"),
     "efficientxpert-efx-matrix": ({"method": "efficientxpert", "preset": "efx", "granularity": "matrix"}, "inside"),
     "efficientxpert-efx-obs": ({"method": "efficientxpert", "preset": "efx", "obs_update": True}, "inside"),
     "efficientxpert-efx-reset": ({"method": "efficientxpert", "preset": "efx"}, "inside", {"reset_optimizer": True}),
-    "efficientxpert-efx-trainstats": ({"method": "efficientxpert", "preset": "efx"}, "inside",
-                                      {"statistics": "training"}),
-    # the `efx run` default: recorded in the last 4 steps before each call (32 sequences, the calibration size)
+    # recorded in the last 4 steps before each call (32 sequences, the calibration size)
     "efficientxpert-efx-trainstats-last4": ({"method": "efficientxpert", "preset": "efx"}, "inside",
-                                            {"statistics": "training", "record_steps": 4}),
+                                            {"statistics": "training"}),
     # what `efx run --reset-optimizer` runs
     "efficientxpert-efx-trainstats-last4-reset": ({"method": "efficientxpert", "preset": "efx"}, "inside",
-                                                  {"statistics": "training", "record_steps": 4,
-                                                   "reset_optimizer": True}),
+                                                  {"statistics": "training", "reset_optimizer": True}),
     # the same, ending with the base pruned and the adapter kept unmerged (efx run --keep-adapter)
     "efficientxpert-efx-trainstats-last4-keep-adapter": ({"method": "efficientxpert", "preset": "efx"}, "inside",
-                                                         {"statistics": "training", "record_steps": 4,
-                                                          "keep_adapter": True}),
+                                                         {"statistics": "training", "keep_adapter": True}),
     "efficientxpert-efx-early": ({"method": "efficientxpert", "preset": "efx"}, "inside",
                                  {"prune_at_start": True, "masked_adapter": True}),
     "efficientxpert-efx": ({"method": "efficientxpert", "preset": "efx"}, "inside"),
@@ -68,14 +66,17 @@ METHODS = {
 }
 UNSTRUCTURED_ONLY = {"efficientxpert-paper"}
 # efx options measured on demand (--methods NAME); the default run is the issue's method list
-VARIANTS = {name for name in METHODS if name.startswith("efficientxpert-efx-")}
+VARIANTS = {name for name in METHODS if name.startswith("efficientxpert-efx")}
+N_TEST = 800  # items per task (or the whole test pool): a paired difference of 0.02 resolved over 3 seeds
 
 
-def suite_mismatch(results: dict, domains) -> str:
-    """The rows of `domains` measured on a suite version other than this efx's (rows from before
-    the version was recorded are v2), as "domain v2, ..."; empty when there are none."""
-    found = sorted({f"{r['domain']} v{r.get('suite_version', 2)}" for r in results.values()
-                    if r["domain"] in domains and r.get("suite_version", 2) != SUITE_VERSION})
+def suite_mismatch(results: dict, domains, n_test: int) -> str:
+    """The rows of `domains` measured on other test items than this run's: another suite version
+    (rows from before the version was recorded are v2) or another number of items per task
+    (before it was recorded: 300), as "domain v2 n300, ..."; empty when there are none."""
+    found = sorted({f"{r['domain']} v{r.get('suite_version', 2)} n{r.get('n_test', 300)}" for r in results.values()
+                    if r["domain"] in domains and (r.get("suite_version", 2), r.get("n_test", 300))
+                    != (SUITE_VERSION, n_test)})
     return ", ".join(found)
 
 
@@ -91,6 +92,10 @@ def prune_config(fields: dict, sparsity: str, seed: int) -> PruneConfig:
 
 def run_one(base, tokenizer, suite, settings: RunSettings, method: str, sparsity: str, dense_model=None) -> dict:
     fields, pipeline, *options = METHODS[method]
+    if fields is None:
+        defaults = RunSettings(seed=settings.seed)
+        fields = {k: v for k, v in asdict(defaults.prune_config()).items() if k not in ("sparsity", "pattern", "seed")}
+        options = [defaults.callback_kwargs()]
     config = prune_config(fields, sparsity, settings.seed)
     calib = calibration_batches(tokenizer, suite.train, n=settings.calib, seed=settings.seed, system=suite.system)
     record: dict = {}
@@ -269,6 +274,7 @@ def main() -> None:
                         help="none: only dense LoRA and the base model")
     parser.add_argument("--seeds", nargs="+", type=int, default=[0])
     parser.add_argument("--output", default="benchmarks/results")
+    parser.add_argument("--n-test", type=int, default=N_TEST, help="test items per task (at most the test pool)")
     parser.add_argument("--render", action="store_true", help="only rewrite the .md from the JSON")
     args = parser.parse_args()
     if args.render:
@@ -278,10 +284,10 @@ def main() -> None:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
     path = Path(args.output) / "domain_retention.json"
     results = json.loads(path.read_text()) if path.is_file() else {}
-    stale = suite_mismatch(results, args.domains)
+    stale = suite_mismatch(results, args.domains, args.n_test)
     if stale:
-        sys.exit(f"{path} holds rows measured on another suite version ({stale}); this efx builds suite "
-                 f"v{SUITE_VERSION}, whose test items differ: write to a new --output folder")
+        sys.exit(f"{path} holds rows measured on other test items ({stale}); this run evaluates suite "
+                 f"v{SUITE_VERSION} with {args.n_test} items per task: write to a new --output folder")
     command = " ".join(["python"] + sys.argv)
     machine = f"{platform.machine()}, {platform.processor() or 'cpu'}, torch threads {__import__('torch').get_num_threads()}"
 
@@ -295,7 +301,7 @@ def main() -> None:
         # the shared budget; each method's own callback options are in METHODS (recorded per row)
         settings = RunSettings(seed=seed, statistics="calibration")
         for domain in args.domains:
-            suite = load_suite(domain, seed=0)
+            suite = load_suite(domain, seed=0, n_test=args.n_test)
             dense_key = key(domain, "dense", "-", seed)
             dense_model = None
             needs_dense_model = any(METHODS[m][1] == "lora-prune" and key(domain, m, s, seed) not in results
@@ -314,7 +320,7 @@ def main() -> None:
                               and r["domain"] == domain and r["settings"].get("eval_items") == settings.eval_items]
                     base_eval = stored[0] if stored else evaluate(base, tokenizer, suite, max_items=settings.eval_items)
                     save(dense_key, {"domain": domain, "method": "dense", "sparsity_setting": "-", "seed": seed,
-                                     "suite_version": SUITE_VERSION,
+                                     "suite_version": SUITE_VERSION, "n_test": args.n_test,
                                      "eval": dense_eval, "base_eval": base_eval, "measure": record,
                                      "wall_seconds": time.perf_counter() - started, "settings": asdict(settings),
                                      "versions": versions(), "machine": machine, "command": command})
@@ -329,7 +335,7 @@ def main() -> None:
                     log.info("running %s", entry_key)
                     entry = run_one(base, tokenizer, suite, settings, method, sparsity, dense_model)
                     entry.update({"domain": domain, "method": method, "sparsity_setting": sparsity, "seed": seed,
-                                  "suite_version": SUITE_VERSION,
+                                  "suite_version": SUITE_VERSION, "n_test": args.n_test,
                                   "wall_seconds": time.perf_counter() - started, "settings": asdict(settings),
                                   "versions": versions(), "machine": machine, "command": command})
                     save(entry_key, entry)

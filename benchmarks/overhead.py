@@ -4,10 +4,9 @@ each run in its own process (so peak memory is not polluted by the other), alter
     python benchmarks/overhead.py [--domain medical] [--repeats 2] [--kinds efficientxpert ...]
         [--output benchmarks/results]
 
-Kinds: "efficientxpert" (each pruning call runs its calibration pass),
+Kinds: "efficientxpert" (each pruning call runs its calibration pass) and
 "efficientxpert-trainstats" (statistics recorded during training, no extra forward, in the last
-optimizer steps before each call: the `efx run` default) and "efficientxpert-trainstats-all"
-(recorded in every training step).
+optimizer steps before each call: the `efx run` default).
 Writes overhead.json: per run the training wall time, every epoch's wall time (without the
 pruning call at its start), the peak RSS and the peak bytes in use from malloc (`efx.measure`),
 the pruning time of every call; per kind the ratios EfficientXpert / LoRA of the whole run's
@@ -23,9 +22,8 @@ import subprocess
 import sys
 from pathlib import Path
 
-# kind -> (statistics, record in every step)
-KINDS = {"efficientxpert": ("calibration", False), "efficientxpert-trainstats": ("training", False),
-         "efficientxpert-trainstats-all": ("training", True)}
+# kind -> statistics
+KINDS = {"efficientxpert": "calibration", "efficientxpert-trainstats": "training"}
 
 
 def setup(kind: str, domain: str):
@@ -36,15 +34,14 @@ def setup(kind: str, domain: str):
     from efx.recipes import calibration_batches
     from efx.cli.run import RunSettings
 
-    statistics, every_step = KINDS.get(kind, ("calibration", False))
-    settings = RunSettings(domain=domain, statistics=statistics, record_steps=0 if every_step else None)
+    statistics = KINDS.get(kind, "calibration")
+    settings = RunSettings(domain=domain, statistics=statistics)
     model, tok = load_model()
     suite = load_suite(domain)
     callbacks = []
     if kind != "lora":
         calib = calibration_batches(tok, suite.train, n=settings.calib, seed=settings.seed, system=suite.system)
-        callbacks = [EfficientXpertCallback(calib, settings.prune_config(), statistics=statistics,
-                                            record_steps=settings.callback_record_steps)]
+        callbacks = [EfficientXpertCallback(calib, settings.prune_config(), statistics=statistics)]
     return settings, model, tok, suite, callbacks
 
 

@@ -11,7 +11,7 @@ from efx.method.recorder import ActivationRecorder
 from efx.model.arch import architecture_map, base_linear
 from efx.method.statistics import calibrate
 from efx.method.schedule import EfficientXpertCallback
-from efx.recipes import unload
+from efx.recipes import calibration_batches, unload
 from efx.method.prune import PruneConfig, prune
 from efx.training import LoraSettings, TrainSettings, add_lora, train_lora
 from test_calibration_and_prune import padded_calib
@@ -222,11 +222,13 @@ def test_reference_act_sq_equals_the_plain_sum(dtype, padding):
     assert torch.equal(x, before)  # squared in a copy, never in the caller's tensor
 
 
-@pytest.mark.parametrize("schedule, record_steps, sequences", [
-    ("epoch", None, 16), ("epoch", 1, 8), ("epoch", 2, 16), ("steps", 1, 8), ("steps", None, 16)])
-def test_record_steps_limits_each_window_to_its_last_steps(monkeypatch, schedule, record_steps, sequences):
+@pytest.mark.parametrize("schedule, calib_sequences, sequences", [
+    ("epoch", None, 16), ("epoch", 8, 8), ("epoch", 5, 8), ("epoch", 16, 16), ("steps", 8, 8), ("steps", None, 16)])
+def test_training_statistics_record_the_last_steps_that_hold_the_calibration_size(monkeypatch, schedule,
+                                                                                 calib_sequences, sequences):
     """16 examples, batch 8: two optimizer steps between calls under either schedule. Each call
-    sees the sequences of the last `record_steps` steps before it (all of them with None)."""
+    sees the sequences of the last steps before it that hold the calibration set's sequences
+    (32 without one: both steps)."""
     import efx.method.schedule
     seen = []
 
@@ -235,17 +237,10 @@ def test_record_steps_limits_each_window_to_its_last_steps(monkeypatch, schedule
         return prune(model, calib, config, recorded=recorded, **kwargs)
 
     monkeypatch.setattr(efx.method.schedule, "prune", counting_prune)
-    callback = EfficientXpertCallback(None, PruneConfig(sparsity=0.5), statistics="training", schedule=schedule,
-                                      every_steps=2 if schedule == "steps" else None, record_steps=record_steps)
+    tok = char_tokenizer()
+    calib = None if calib_sequences is None else calibration_batches(tok, EXAMPLES, n=calib_sequences, max_length=16)
+    callback = EfficientXpertCallback(calib, PruneConfig(sparsity=0.5), statistics="training", schedule=schedule,
+                                      every_steps=2 if schedule == "steps" else None)
     settings = TrainSettings(epochs=3, n_examples=0, batch_size=8, learning_rate=1e-2)
-    train_lora(tiny_model("llama", vocab_size=256), char_tokenizer(), EXAMPLES, training=settings,
-               callbacks=[callback])
+    train_lora(tiny_model("llama", vocab_size=256), tok, EXAMPLES, training=settings, callbacks=[callback])
     assert seen == [sequences] * 3
-
-
-def test_record_steps_is_checked():
-    with pytest.raises(ValueError, match="applies to statistics 'training'"):
-        EfficientXpertCallback([{}], record_steps=2)
-    for bad in (0, -1, 1.5, True):
-        with pytest.raises(ValueError, match="record_steps"):
-            EfficientXpertCallback(None, statistics="training", record_steps=bad)

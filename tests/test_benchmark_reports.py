@@ -84,10 +84,13 @@ def test_the_retention_grid_refuses_to_mix_rows_of_another_suite_version(tmp_pat
     from efx.data.suites import SUITE_VERSION
     bench = load_benchmark()
     old = entry("efficientxpert-efx", "0.4", 0, 0.7, 10.0)  # a row from before versions were recorded: v2
-    assert bench.suite_mismatch({"a": old}, ["medical"]) == "medical v2"
-    assert bench.suite_mismatch({"a": old}, ["legal"]) == ""
-    assert bench.suite_mismatch({"a": dict(old, suite_version=SUITE_VERSION)}, ["medical"]) == ""
+    assert bench.suite_mismatch({"a": old}, ["medical"], 300) == "medical v2 n300"
+    assert bench.suite_mismatch({"a": old}, ["legal"], 300) == ""
+    current = dict(old, suite_version=SUITE_VERSION)
+    assert bench.suite_mismatch({"a": current}, ["medical"], 300) == ""  # 300 items: rows from before n_test
+    assert bench.suite_mismatch({"a": current}, ["medical"], 800) == f"medical v{SUITE_VERSION} n300"
+    assert bench.suite_mismatch({"a": dict(current, n_test=800)}, ["medical"], 800) == ""
     (tmp_path / "domain_retention.json").write_text(json.dumps({"medical|efficientxpert-efx|0.4|0": old}))
     monkeypatch.setattr(sys, "argv", ["domain_retention.py", "--domains", "medical", "--output", str(tmp_path)])
-    with pytest.raises(SystemExit, match="another suite version \\(medical v2\\)"):
+    with pytest.raises(SystemExit, match="other test items \\(medical v2 n300\\)"):
         bench.main()

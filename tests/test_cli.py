@@ -63,8 +63,6 @@ def test_run_writes_expert_report_and_plots(tiny_setup, capsys):
     (["--epochs", "1"], "epochs >= 2"), (["--pipeline", "lora-prune"], "--pipeline"),
     (["--statistics", "weights"], "--statistics"), (["--statistics", "training", "--method", "wanda"], "applies to"),
     (["--statistics", "training", "--obs-update"], "no Hessian"),
-    (["--record-steps", "-1"], "--record-steps"), (["--record-steps", "2", "--method", "wanda"], "--record-steps"),
-    (["--record-steps", "2", "--statistics", "calibration"], "--record-steps"),
     (["--masked-adapter", "--method", "wanda"], "--masked-adapter applies to"),
     (["--prune-at-start", "--method", "dense"], "--prune-at-start applies to"),
     (["--reset-optimizer", "--method", "sparsegpt"], "--reset-optimizer applies to"),
@@ -89,12 +87,11 @@ def test_auto_statistics_resolve_per_method():
     assert RunSettings(statistics="calibration").callback_statistics == "calibration"
 
 
-def test_record_steps_default_to_the_calibration_size():
+def test_training_statistics_record_the_steps_that_hold_the_calibration_size():
     from efx.cli.run import RunSettings
     assert RunSettings().callback_record_steps == 4  # 32 sequences at batch 8
     assert RunSettings(calib=20, batch_size=8).callback_record_steps == 3
-    assert RunSettings(record_steps=0).callback_record_steps is None  # every step
-    assert RunSettings(record_steps=7).callback_record_steps == 7
+    assert RunSettings(calib=20, batch_size=4, grad_accum=2).callback_record_steps == 3
     assert RunSettings(statistics="calibration").callback_record_steps is None
 
 

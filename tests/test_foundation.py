@@ -1,5 +1,6 @@
 """Model loading, the architecture map, suites and user data, evaluation, LoRA training."""
 import json
+import math
 
 import pytest
 import torch
@@ -7,7 +8,7 @@ import torch
 from conftest import EXAMPLES, char_tokenizer, tiny_model
 from efx.model.arch import architecture_map
 from efx.data.suites import DataError, load_suite, split_of
-from efx.evaluation.evaluate import choice_logprobs, macro_f1, retention, score_task
+from efx.evaluation.evaluate import choice_logprobs, macro_f1, perplexity, retention, score_task
 from efx.model.loading import ModelLoadError, load_model
 from efx.training import TrainSettings, train_lora
 
@@ -115,7 +116,9 @@ def test_choice_log_likelihood_by_hand():
     model = tiny_model("llama", vocab_size=256)
     tok = char_tokenizer()
     items = [{"prompt": "ab", "choices": ["c", "dd", "efg"], "answer": 1},
-             {"prompt": "a much longer prompt", "choices": ["x", "yz"], "answer": 0}]
+             {"prompt": "a much longer prompt", "choices": ["x", "yz"], "answer": 0},
+             {"prompt": "abc", "choices": ["a longer choice", "q", "rs"], "answer": 2}]
+    # batches of 2: the shared prefix "a", prompts reordered by length, choices in chunks
     got = choice_logprobs(model, tok, items, batch_size=2)
     for item, scores in zip(items, got):
         prompt = tok(item["prompt"] + "\n", add_special_tokens=False)["input_ids"]
@@ -125,6 +128,21 @@ def test_choice_log_likelihood_by_hand():
                 logits = model(torch.tensor([prompt + ids])).logits[0].log_softmax(-1)
             want = sum(logits[len(prompt) - 1 + i, t].item() for i, t in enumerate(ids))
             assert count == len(ids) and logp == pytest.approx(want, abs=1e-4)
+
+
+def test_perplexity_by_hand():
+    model = tiny_model("llama", vocab_size=256)
+    tok = char_tokenizer()
+    texts = ["a long text of several words", "ab", "a text"]
+    nll, count = 0.0, 0
+    for text in texts:
+        ids = tok(text, return_tensors="pt")["input_ids"]
+        with torch.no_grad():
+            logits = model(ids).logits[0, :-1]
+        nll += torch.nn.functional.cross_entropy(logits, ids[0, 1:], reduction="sum").item()
+        count += ids.shape[1] - 1
+    got = perplexity(model, tok, texts, batch_size=2)
+    assert got["tokens"] == count and got["perplexity"] == pytest.approx(math.exp(nll / count), rel=1e-5)
 
 
 def test_scores_accuracy_f1_and_retention():

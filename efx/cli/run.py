@@ -9,7 +9,6 @@ from __future__ import annotations
 import gc
 import json
 import logging
-import math
 import shutil
 import time
 from dataclasses import asdict, dataclass, fields
@@ -25,7 +24,7 @@ from efx.measure import measure
 from efx.model.loading import check_trainable, load_model, resolve_device, resolve_dtype
 from efx.recipes import calibration_batches, prune_and_adapt, unload
 from efx.method.prune import FORESIGHT_METHODS, METHODS, PruneConfig
-from efx.method.schedule import STATISTICS
+from efx.method.schedule import STATISTICS, record_window
 from efx.model.adapter import ADAPTER, load_adapter, save_with_adapter
 from efx.model.checkpoint import save_sparse
 from efx.evaluation.report import sparsity_audit, versions, write_report
@@ -78,12 +77,10 @@ class RunSettings:
     """EfficientXpert: clear the optimizer state after each pruning call, which re-initializes the adapter
     (the authors keep the state)."""
     statistics: str = "auto"
-    """EfficientXpert/ForeSight activation statistics: calibration (a calibration pass per pruning call),
-    training (recorded during the training forwards: no extra forward pass; same retention in the benchmark,
-    calls about 6x faster) or auto (training where it applies, calibration with --obs-update)."""
-    record_steps: int | None = None
-    """With training statistics: record the last N optimizer steps before each pruning call
-    (default: the steps that hold --calib sequences; 0: every step)."""
+    """EfficientXpert/ForeSight activation statistics: calibration (a calibration pass over --calib sequences per
+    pruning call), training (recorded during the training forwards of the last steps before each call that hold
+    --calib sequences: no extra forward pass; same retention in the benchmark, calls about 6x faster) or auto
+    (training where it applies, calibration with --obs-update)."""
     lora_r: int = 8
     """LoRA rank."""
     lora_alpha: float = 16.0
@@ -164,11 +161,6 @@ class RunSettings:
             self.prune_config().validate()
         if self.statistics == "training" and self.method != "dense" and self.prune_config().needs_hessian:
             raise ValueError("--statistics training records no Hessian, which --obs-update needs")
-        if self.record_steps is not None:
-            if self.record_steps < 0:
-                raise ValueError("--record-steps must be >= 0 (0: every step)")
-            if self.callback_statistics != "training":
-                raise ValueError("--record-steps applies to --statistics training")
         if self.fsdp:
             if not distributed.launched():
                 raise ValueError("--fsdp shards the model over the processes of a distributed launch: run "
@@ -195,12 +187,15 @@ class RunSettings:
 
     @property
     def callback_record_steps(self) -> int | None:
-        """The recording window of training statistics in optimizer steps (None: every step)."""
+        """The recording window of training statistics in optimizer steps (None: nothing recorded)."""
         if self.callback_statistics != "training":
             return None
-        if self.record_steps is None:
-            return math.ceil(self.calib / (self.batch_size * self.grad_accum))
-        return self.record_steps or None
+        return record_window(self.calib, self.batch_size * self.grad_accum)
+
+    def callback_kwargs(self) -> dict:
+        """The `EfficientXpertCallback` options of these settings."""
+        return {"masked_adapter": self.masked_adapter, "statistics": self.callback_statistics,
+                "prune_at_start": self.prune_at_start, "reset_optimizer": self.reset_optimizer}
 
     def prune_config(self) -> PruneConfig:
         return PruneConfig(method=self.method, sparsity=self.sparsity, pattern=self.pattern, preset=self.preset,
@@ -408,11 +403,7 @@ def _train_expert(model, tokenizer, suite, settings: RunSettings, output: Path) 
                                             lora=settings.lora(), training=settings.training(), pipeline=pipeline,
                                             calib=calib, system=suite.system,
                                             work_dir=settings.work_dir, keep_adapter=settings.keep_adapter,
-                                            callback_kwargs={"masked_adapter": settings.masked_adapter,
-                                                             "statistics": settings.callback_statistics,
-                                                             "record_steps": settings.callback_record_steps,
-                                                             "prune_at_start": settings.prune_at_start,
-                                                             "reset_optimizer": settings.reset_optimizer})
+                                            callback_kwargs=settings.callback_kwargs())
         calls = report["calls"]
     if settings.fsdp:
         _save_sharded(model, tokenizer, settings, output)

@@ -2,6 +2,7 @@
 and retention relative to a reference (method.md section 7)."""
 from __future__ import annotations
 
+import copy
 import inspect
 import logging
 import math
@@ -81,56 +82,91 @@ def choice_logprobs(model, tokenizer, items: list[dict], *, system: str | None =
 def _score(model, pad: int, prompts: list[list[int]], choices: list[list[list[int]]], tails: list[int] | None,
            batch_size: int, desc: str) -> list[list[tuple[float, int, float]]]:
     """Per item, per choice: (log-likelihood of the choice's ids after the prompt's ids, their
-    count, log-likelihood of the prompt's last `tails[item]` ids given the ones before)."""
+    count, log-likelihood of the prompt's last `tails[item]` ids given the ones before).
+
+    The prefix all prompts share (the chat template and system prompt) runs once. Prompts of
+    similar length share a batch, and a batch's choices run in chunks of similar length, each on
+    its own copy of the prompts' KV cache: padding costs little compute."""
     device = _device(model)
-    results: list[list[tuple[float, int, float]]] = []
-    for start in tqdm(range(0, len(prompts), batch_size), desc=desc, leave=False, unit="batch"):
-        batch = prompts[start:start + batch_size]
-        tail = [0] * len(batch) if tails is None else tails[start:start + batch_size]
+    shared = _shared_prefix(prompts, tails)
+    prefix_cache = None
+    if shared:
+        prefix_cache = _output_cache(model(input_ids=torch.tensor([prompts[0][:shared]], device=device),
+                                           use_cache=True, logits_to_keep=1))
+        prompts = [p[shared:] for p in prompts]
+    order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))
+    results: list = [None] * len(prompts)
+    for start in tqdm(range(0, len(order), batch_size), desc=desc, leave=False, unit="batch"):
+        index = order[start:start + batch_size]
+        batch = [prompts[i] for i in index]
+        tail = [0] * len(batch) if tails is None else [tails[i] for i in index]
         width = max(map(len, batch))
         prompt_ids = torch.full((len(batch), width), pad, dtype=torch.long)
         prompt_mask = torch.zeros((len(batch), width), dtype=torch.long)
         for row, ids in enumerate(batch):
             prompt_ids[row, width - len(ids):] = torch.tensor(ids)
             prompt_mask[row, width - len(ids):] = 1
-        positions = (prompt_mask.cumsum(1) - 1).clamp(min=0)
+        positions = shared + (prompt_mask.cumsum(1) - 1).clamp(min=0)
+        prompt_mask = torch.cat([torch.ones((len(batch), shared), dtype=torch.long), prompt_mask], 1)
+        extra = {}
+        if prefix_cache is not None:
+            extra[_CACHE_ARG] = copy.deepcopy(prefix_cache)
+            extra[_CACHE_ARG].batch_repeat_interleave(len(batch))
         keep = max(tail) + 1
         out = model(input_ids=prompt_ids.to(device), attention_mask=prompt_mask.to(device),
-                    position_ids=positions.to(device), use_cache=True, logits_to_keep=keep)
-        first_logp = F.log_softmax(out.logits[:, -1].float(), dim=-1)
+                    position_ids=positions.to(device), use_cache=True, logits_to_keep=keep, **extra)
+        first_logp = F.log_softmax(out.logits[:, -1].float(), dim=-1).cpu()
         tail_ll = torch.zeros(len(batch))
         if keep > 1:  # logits at width-keep .. width-2 predict the prompt's last keep-1 ids
             logp = F.log_softmax(out.logits[:, :-1].float(), dim=-1).cpu()
             token_logp = logp.gather(2, prompt_ids[:, width - keep + 1:, None]).squeeze(2)
             counted = torch.arange(keep - 1)[None, :] >= keep - 1 - torch.tensor(tail)[:, None]
             tail_ll = (token_logp * counted).sum(1)
-
-        owner, choice_tokens = [], []
-        for row, ids in enumerate(choices[start:start + batch_size]):
-            owner += [row] * len(ids)
-            choice_tokens += ids
-        choice_ids, choice_mask = right_pad(choice_tokens, pad)
-        length = choice_ids.shape[1]
-        owner_t = torch.tensor(owner)
         cache = _output_cache(out)
-        cache.batch_select_indices(owner_t.to(device))
-        seen = prompt_mask.sum(1)[owner_t]
-        out2 = model(input_ids=choice_ids.to(device),
-                     attention_mask=torch.cat([prompt_mask[owner_t], choice_mask], 1).to(device),
-                     position_ids=(seen[:, None] + torch.arange(length)).to(device),
-                     use_cache=True, **{_CACHE_ARG: cache})
-        token_logp = torch.empty(choice_ids.shape)
-        token_logp[:, 0] = first_logp[owner_t.to(device)].gather(1, choice_ids[:, :1].to(device)).squeeze(1).cpu()
-        if length > 1:
-            rest = F.log_softmax(out2.logits[:, :-1].float(), dim=-1)
-            token_logp[:, 1:] = rest.gather(2, choice_ids[:, 1:, None].to(device)).squeeze(2).cpu()
-        sums = (token_logp * choice_mask).sum(1)
-        counts = choice_mask.sum(1)
-        per_item: list[list[tuple[float, int, float]]] = [[] for _ in batch]
-        for row, item_row in enumerate(owner):
-            per_item[item_row].append((float(sums[row]), int(counts[row]), float(tail_ll[item_row])))
-        results.extend(per_item)
+        del out
+        rows = [(row, choice) for row, i in enumerate(index) for choice in range(len(choices[i]))]
+        rows.sort(key=lambda rc: len(choices[index[rc[0]]][rc[1]]))
+        scored = {}
+        for first in range(0, len(rows), batch_size):
+            chunk = rows[first:first + batch_size]
+            owner = torch.tensor([row for row, _ in chunk])
+            ids = [choices[index[row]][choice] for row, choice in chunk]
+            sums, counts = _choice_chunk(model, copy.deepcopy(cache) if first + batch_size < len(rows) else cache,
+                                         owner, ids, prompt_mask, first_logp, pad, device)
+            scored.update({rc: (float(s), int(n)) for rc, s, n in zip(chunk, sums, counts)})
+        for row, i in enumerate(index):
+            results[i] = [(*scored[(row, choice)], float(tail_ll[row])) for choice in range(len(choices[i]))]
     return results
+
+
+def _shared_prefix(prompts: list[list[int]], tails: list[int] | None) -> int:
+    """Length of the ids every prompt starts with, short of each prompt's scored tail and last id."""
+    limit = min(len(p) - 1 - (tails[i] if tails else 0) for i, p in enumerate(prompts)) if prompts else 0
+    first = prompts[0] if prompts else []
+    shared = 0
+    while shared < limit and all(p[shared] == first[shared] for p in prompts):
+        shared += 1
+    return shared
+
+
+def _choice_chunk(model, cache, owner: torch.Tensor, ids: list[list[int]], prompt_mask: torch.Tensor,
+                  first_logp: torch.Tensor, pad: int, device) -> tuple[torch.Tensor, torch.Tensor]:
+    """Log-likelihood sums and token counts of choices `ids`, the choice of row k following
+    prompt `owner[k]` of the batch whose KV cache is `cache` (consumed)."""
+    choice_ids, choice_mask = right_pad(ids, pad)
+    length = choice_ids.shape[1]
+    cache.batch_select_indices(owner.to(device))
+    seen = prompt_mask.sum(1)[owner]
+    token_logp = torch.empty(choice_ids.shape)
+    token_logp[:, 0] = first_logp[owner].gather(1, choice_ids[:, :1]).squeeze(1)
+    if length > 1:
+        out = model(input_ids=choice_ids[:, :-1].to(device),
+                    attention_mask=torch.cat([prompt_mask[owner], choice_mask[:, :-1]], 1).to(device),
+                    position_ids=(seen[:, None] + torch.arange(length - 1)).to(device),
+                    use_cache=True, **{_CACHE_ARG: cache})
+        rest = F.log_softmax(out.logits.float(), dim=-1)
+        token_logp[:, 1:] = rest.gather(2, choice_ids[:, 1:, None].to(device)).squeeze(2).cpu()
+    return (token_logp * choice_mask).sum(1), choice_mask.sum(1)
 
 
 def macro_f1(gold: list[str], predicted: list[str]) -> float:
@@ -174,8 +210,10 @@ def score_task(items: list[dict], logprobs: list[list[tuple]]) -> dict:
 
 @torch.no_grad()
 def perplexity(model, tokenizer, texts: list[str], *, batch_size: int = 8, max_length: int = 256) -> dict:
-    """Token-level perplexity of `texts` (each truncated to `max_length` tokens)."""
+    """Token-level perplexity of `texts` (each truncated to `max_length` tokens); texts of similar
+    length share a batch."""
     device = _device(model)
+    texts = sorted(texts, key=len)
     total_nll, total_tokens = 0.0, 0
     for start in tqdm(range(0, len(texts), batch_size), desc="perplexity", leave=False, unit="batch"):
         enc = tokenizer(texts[start:start + batch_size], return_tensors="pt", padding=True, truncation=True,

@@ -14,9 +14,10 @@ methods that need the Hessian keep the calibration pass. Under gradient checkpoi
 forwards recomputed in backward are counted as well: sums and token counts both double, so the
 mean `E[x_j^2]` a call reads is unchanged.
 
-Which forwards: every training forward while `active` is True. `EfficientXpertCallback`'s
-`record_steps` switches it on only for the last optimizer steps before each call, which cuts the
-recording cost in proportion and gives the statistics of the weights nearest the call. While
+Which forwards: every training forward while `active` is True. `EfficientXpertCallback` switches
+it on only for the last optimizer steps before each call that hold as many sequences as the
+calibration set, which cuts the recording cost in proportion and gives the statistics of the
+weights nearest the call. While
 `active` is False no hook is registered at all, so those steps run exactly as plain LoRA's.
 
 Memory: every tensor the recorder keeps (the per-target sums and one column-sum buffer per input

@@ -18,6 +18,12 @@ from efx.method.score_memory import CarriedTensors, PruneMemory
 log = logging.getLogger(__name__)
 
 STATISTICS = ("calibration", "training")
+CALIBRATION_SEQUENCES = 32  # what "training" statistics record before a call when no calibration set is given
+
+
+def record_window(sequences: int, per_step: int) -> int:
+    """Optimizer steps of `per_step` sequences that hold `sequences` sequences."""
+    return max(math.ceil(sequences / per_step), 1)
 
 
 class EfficientXpertCallback(TrainerCallback):
@@ -41,16 +47,14 @@ class EfficientXpertCallback(TrainerCallback):
             (see `efx.method.masked_adapter`; the authors leave the delta dense).
         statistics: "calibration" (each call runs the sequential calibration pass of method.md
             section 2) or "training" (each call uses the activation statistics recorded during
-            the training forwards since the previous call: no extra forward pass, see
-            `efx.method.recorder`; not for methods that need the Hessian).
+            the training forwards of the last optimizer steps before it that hold as many
+            sequences as the calibration set, or 32 without one: no extra forward pass, and the
+            statistics of the weights nearest the call; see `efx.method.recorder`; not for
+            methods that need the Hessian). Where the epoch length is unknown (a training set
+            without a length), every step of the epoch schedule is recorded.
         prune_at_start: also prune once before the first step (efx option), so that the whole
             LoRA budget trains on the sparse base; that call runs the calibration pass (nothing is
             recorded yet), so it needs `calib` whatever `statistics` is.
-        record_steps: with statistics "training", record only the last `record_steps` optimizer
-            steps before each call (None: every step since the previous call). Recording costs
-            time in every forward it runs in; the last steps also see the weights nearest the call.
-            Where the epoch length is unknown (a training set without a length), every step of the
-            epoch schedule is recorded.
         work_dir: folder for the files the calls write (score memory, previous masks, undo); None:
             the system's temporary folder. Removed at train end.
         keep_adapter: end with the base pruned and the adapter trained since the last
@@ -59,7 +63,7 @@ class EfficientXpertCallback(TrainerCallback):
 
     def __init__(self, calib, config: PruneConfig | None = None, *, schedule: str = "epoch",
                  every_steps: int | None = None, reset_optimizer: bool = False, masked_adapter: bool = False,
-                 statistics: str = "calibration", prune_at_start: bool = False, record_steps: int | None = None,
+                 statistics: str = "calibration", prune_at_start: bool = False,
                  work_dir=None, keep_adapter: bool = False):
         if schedule not in ("epoch", "steps"):
             raise ValueError(f"schedule {schedule!r}: expected 'epoch' or 'steps'")
@@ -71,11 +75,6 @@ class EfficientXpertCallback(TrainerCallback):
             raise ValueError("statistics 'calibration' needs calibration data (calib is None)")
         if prune_at_start and calib is None:
             raise ValueError("prune_at_start needs calibration data: no statistics are recorded before the first step")
-        if record_steps is not None:
-            if statistics != "training":
-                raise ValueError("record_steps applies to statistics 'training' (nothing is recorded otherwise)")
-            if isinstance(record_steps, bool) or not isinstance(record_steps, int) or record_steps <= 0:
-                raise ValueError(f"record_steps {record_steps!r}: expected a positive integer or None")
         if keep_adapter and masked_adapter:
             raise ValueError("keep_adapter keeps a plain LoRA adapter; masked_adapter masks its delta elementwise, "
                              "which an unmerged adapter cannot hold: choose one")
@@ -91,7 +90,9 @@ class EfficientXpertCallback(TrainerCallback):
         self.masked_adapter = masked_adapter
         self.statistics = statistics
         self.prune_at_start = prune_at_start
-        self.record_steps = record_steps
+        self.record_sequences = CALIBRATION_SEQUENCES if calib is None else \
+            sum(len(batch["input_ids"]) for batch in calib)
+        self.record_steps: int | None = None  # the window in optimizer steps, set when training starts
         self.keep_adapter = keep_adapter
         self._epoch_end: int | None = None  # global step at which the current epoch ends
         self.recorder: ActivationRecorder | None = None
@@ -123,6 +124,8 @@ class EfficientXpertCallback(TrainerCallback):
 
     def on_train_begin(self, args, state, control, model=None, **kwargs):
         if self.statistics == "training":
+            self.record_steps = record_window(self.record_sequences,
+                                              args.per_device_train_batch_size * args.gradient_accumulation_steps)
             if self.recorder is not None:
                 self.recorder.remove()
             self.recorder = ActivationRecorder(model)
@@ -149,7 +152,7 @@ class EfficientXpertCallback(TrainerCallback):
         return self._epoch_end
 
     def on_step_begin(self, args, state, control, **kwargs):
-        if self.recorder is not None and self.record_steps is not None:
+        if self.recorder is not None:
             end = self._next_call_step(state)
             self.recorder.active = end is None or end - state.global_step <= self.record_steps
 
