@@ -39,7 +39,6 @@ log = logging.getLogger("domain_retention")
 # does by default (RunSettings' defaults), whatever that is in this efx
 METHODS = {
     "efx-run-default": (None, "inside"),
-    "efficientxpert-efx-masked": ({"method": "efficientxpert", "preset": "efx"}, "inside", {"masked_adapter": True}),
     "efficientxpert-efx-hessian": ({"method": "efficientxpert", "preset": "efx", "pbs_hessian": True}, "inside"),
     "efficientxpert-efx-matrix": ({"method": "efficientxpert", "preset": "efx", "granularity": "matrix"}, "inside"),
     "efficientxpert-efx-obs": ({"method": "efficientxpert", "preset": "efx", "obs_update": True}, "inside"),
@@ -53,8 +52,9 @@ METHODS = {
     # the same, ending with the base pruned and the adapter kept unmerged (efx run --keep-adapter)
     "efficientxpert-efx-trainstats-last4-keep-adapter": ({"method": "efficientxpert", "preset": "efx"}, "inside",
                                                          {"statistics": "training", "keep_adapter": True}),
-    "efficientxpert-efx-early": ({"method": "efficientxpert", "preset": "efx"}, "inside",
-                                 {"prune_at_start": True, "masked_adapter": True}),
+    # gradual: the base pruned on a cubic ramp from step 10 to 40 of 60, one adapter kept throughout
+    "efficientxpert-efx-ramp": ({"method": "efficientxpert", "preset": "efx"}, "inside",
+                                {"statistics": "training", "schedule": "ramp", "every_steps": 10}),
     "efficientxpert-efx": ({"method": "efficientxpert", "preset": "efx"}, "inside"),
     "efficientxpert-paper": ({"method": "efficientxpert", "preset": "paper"}, "inside"),
     "foresight": ({"method": "foresight", "preset": "efx"}, "inside"),

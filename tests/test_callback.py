@@ -6,14 +6,12 @@ import subprocess
 import sys
 
 import pytest
-import torch
 
 from conftest import EXAMPLES, char_tokenizer, tiny_model
 from efx.model.arch import architecture_map, base_linear
 from efx.method.schedule import EfficientXpertCallback
 from efx.recipes import calibration_batches, prune_and_adapt, unload
 from efx.method.prune import PruneConfig
-from efx.method.score_memory import unpack_mask
 from efx.training import TrainSettings, train_lora
 
 
@@ -40,40 +38,6 @@ def test_epoch_schedule_ends_merged_and_exactly_sparse(tmp_path, pattern, expect
     merged.save_pretrained(tmp_path)
     reloaded = AutoModelForCausalLM.from_pretrained(tmp_path)
     assert target_sparsity(reloaded) == pytest.approx(expected, abs=1e-9)
-
-
-def test_prune_at_start_keeps_the_mask_through_training(monkeypatch):
-    import efx.method.schedule as callback_module
-    from efx.model.arch import module_weight
-    tok = char_tokenizer()
-    calib = calibration_batches(tok, EXAMPLES, n=8)
-    callback = EfficientXpertCallback(calib, PruneConfig(sparsity=0.5), prune_at_start=True, masked_adapter=True,
-                                      statistics="training")
-    outside = []
-
-    def checked_prune(model, *args, **kwargs):
-        # every call after the first finds the effective weights W + s*B@A inside the last masks
-        for block in architecture_map(model).blocks:
-            for role, module in block.targets.items():
-                packed = callback.memory.masks.get(block.qualified(role))
-                if packed is not None:
-                    u = module_weight(module)
-                    outside.append(float(u[~unpack_mask(packed, u.shape)].abs().max()))
-        return real_prune(model, *args, **kwargs)
-
-    real_prune = callback_module.prune
-    monkeypatch.setattr(callback_module, "prune", checked_prune)
-    settings = TrainSettings(epochs=2, n_examples=0, batch_size=8, learning_rate=1e-2)
-    model, _ = train_lora(tiny_model("llama", vocab_size=256), tok, EXAMPLES, training=settings,
-                          callbacks=[callback])
-    assert [c["when"] for c in callback.reports] == ["train start", "epoch 2 start", "train end"]
-    assert len(outside) == 2 * 14 and max(outside) == 0.0
-    # the masks keep exactly half; a kept weight may itself be zero (a row whose consumer was
-    # pruned away scores all zeros), so the model holds at least that many zeros
-    assert callback.reports[-1]["sparsity"] == pytest.approx(0.5, abs=1e-9)
-    assert 0.5 <= target_sparsity(unload(model)) < 0.51
-    with pytest.raises(ValueError, match="prune_at_start needs calibration data"):
-        EfficientXpertCallback(None, statistics="training", prune_at_start=True)
 
 
 @pytest.mark.parametrize("reset", [True, False])
@@ -138,9 +102,45 @@ def test_each_call_carries_only_what_a_later_call_reads(monkeypatch, schedule):
     assert callback.reports[-1]["mask_overlap"] is not None
 
 
+def test_ramp_schedule_prunes_the_base_gradually_and_keeps_one_adapter(monkeypatch):
+    """16 examples at batch 8 for 3 epochs: 6 steps, ramp calls at steps 1..4 (two thirds), at
+    the cubic sparsities 0.5 * (1 - (1 - t/4)^3), each pruning the base alone; the adapter is
+    never reset before the final call, which merges and ends at 0.5."""
+    import efx.method.schedule as callback_module
+    tok = char_tokenizer()
+    callback = EfficientXpertCallback(calibration_batches(tok, EXAMPLES, n=8), PruneConfig(sparsity=0.5),
+                                      schedule="ramp", every_steps=1)
+    seen = []
+
+    def observing_prune(model, calib, config, **kwargs):
+        lora_b = [p for n, p in model.named_parameters() if "lora_B" in n]
+        seen.append((config.merge, any(bool(p.abs().sum()) for p in lora_b)))
+        report = real_prune(model, calib, config, **kwargs)
+        if not config.merge:  # the base holds the call's sparsity
+            seen[-1] += (target_sparsity(model),)
+        return report
+
+    real_prune = callback_module.prune
+    monkeypatch.setattr(callback_module, "prune", observing_prune)
+    settings = TrainSettings(epochs=3, n_examples=0, batch_size=8, learning_rate=1e-2)
+    model, _ = train_lora(tiny_model("llama", vocab_size=256), tok, EXAMPLES, training=settings, callbacks=[callback])
+    assert [c["when"] for c in callback.reports] == ["step 1", "step 2", "step 3", "step 4", "train end"]
+    want = [0.5 * (1 - (1 - t / 4) ** 3) for t in (1, 2, 3, 4)]
+    assert [c["config"]["sparsity"] for c in callback.reports[:4]] == pytest.approx(want)
+    for (merge, trained, sparsity), target in zip(seen[:4], want):
+        assert merge is False and trained  # the adapter trained on since step 1: never reset
+        assert sparsity == pytest.approx(target, abs=0.03)  # floor per row on 16- and 32-wide rows
+    assert seen[-1][0] is True and callback.reports[-1]["config"]["pbs"] is False
+    assert target_sparsity(unload(model)) == pytest.approx(0.5, abs=1e-9)
+
+
 def test_bad_schedule():
     with pytest.raises(ValueError, match="every_steps"):
         EfficientXpertCallback([], schedule="steps")
+    with pytest.raises(ValueError, match="ramp"):
+        EfficientXpertCallback([{}], PruneConfig(pattern="2:4"), schedule="ramp", every_steps=2)
+    with pytest.raises(ValueError, match="schedule"):
+        EfficientXpertCallback([], schedule="cubic")
 
 
 @pytest.mark.ddp

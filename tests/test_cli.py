@@ -62,11 +62,7 @@ def test_run_writes_expert_report_and_plots(tiny_setup, capsys):
     (["--pattern", "3:2"], "N:M"), (["--domain", "/no/such/data"], "--domain"),
     (["--epochs", "1"], "epochs >= 2"), (["--pipeline", "lora-prune"], "--pipeline"),
     (["--statistics", "weights"], "--statistics"), (["--statistics", "training", "--method", "wanda"], "applies to"),
-    (["--statistics", "training", "--obs-update"], "no Hessian"),
-    (["--masked-adapter", "--method", "wanda"], "--masked-adapter applies to"),
-    (["--prune-at-start", "--method", "dense"], "--prune-at-start applies to"),
     (["--reset-optimizer", "--method", "sparsegpt"], "--reset-optimizer applies to"),
-    (["--obs-update", "--method", "magnitude"], "--obs-update applies to"),
     (["--dtype", "float16", "--device", "cpu"], "cannot train on a CPU"), (["--dtype", "half"], "--dtype"),
     (["--device", "tpu"], "--device"), (["--max-length", "0"], "--max-length"), (["--grad-accum", "0"], "--grad-accum"),
 ] + ([(["--device", "cuda"], "no CUDA device")] if not torch.cuda.is_available() else []))
@@ -82,7 +78,6 @@ def test_auto_statistics_resolve_per_method():
     from efx.cli.run import RunSettings
     assert RunSettings().callback_statistics == "training"
     assert RunSettings(method="foresight").callback_statistics == "training"
-    assert RunSettings(obs_update=True).callback_statistics == "calibration"
     assert RunSettings(method="wanda").callback_statistics == "calibration"
     assert RunSettings(statistics="calibration").callback_statistics == "calibration"
 
@@ -162,8 +157,6 @@ def test_fsdp_settings_it_cannot_run_are_refused(monkeypatch):
     monkeypatch.setenv("WORLD_SIZE", "2")  # as torchrun sets it
     RunSettings(fsdp=True, device="cpu").validate()
     RunSettings(fsdp=True, device="cpu", method="dense").validate()
-    for bad, message in (({"masked_adapter": True}, "--masked-adapter"), ({"method": "wanda"}, "recorded during"),
-                         ({"prune_at_start": True}, "recorded during"), ({"obs_update": True}, "recorded during"),
-                         ({"statistics": "calibration"}, "recorded during")):
+    for bad, message in (({"method": "wanda"}, "recorded during"), ({"statistics": "calibration"}, "recorded during")):
         with pytest.raises(ValueError, match=message):
             RunSettings(fsdp=True, device="cpu", **bad).validate()

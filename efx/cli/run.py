@@ -55,20 +55,8 @@ class RunSettings:
     """unstructured, 2:4 or 4:8."""
     preset: str = "efx"
     """ForeSight/PBS preset: efx or paper."""
-    granularity: str = "row"
-    """Selection granularity: row or matrix."""
     pipeline: str | None = None
     """Baseline pipeline: lora-prune or prune-lora-reprune (EfficientXpert always prunes inside)."""
-    pbs_keep_weight: float = 1.0
-    """PBS keep weight."""
-    mask_lr: float = 0.5
-    """Score memory eta."""
-    obs_update: bool = False
-    """EfficientXpert: update the kept weights with SparseGPT's OBS solver under the ForeSight mask (replaces PBS)."""
-    masked_adapter: bool = False
-    """EfficientXpert: keep the adapter delta inside the last mask between pruning calls."""
-    prune_at_start: bool = False
-    """EfficientXpert: also prune before the first training step, so the whole budget trains on the sparse base."""
     keep_adapter: bool = False
     """End with the base pruned and the trained adapter kept beside it, unmerged: expert/ holds the sparse base
     (dense with zeros) and expert/adapter/ the peft adapter (efx eval and efx export pick it up; lm-eval loads
@@ -80,7 +68,7 @@ class RunSettings:
     """EfficientXpert/ForeSight activation statistics: calibration (a calibration pass over --calib sequences per
     pruning call), training (recorded during the training forwards of the last steps before each call that hold
     --calib sequences: no extra forward pass; same retention in the benchmark, calls about 6x faster) or auto
-    (training where it applies, calibration with --obs-update)."""
+    (training for efficientxpert and foresight; the baselines always run a calibration pass)."""
     lora_r: int = 8
     """LoRA rank."""
     lora_alpha: float = 16.0
@@ -146,34 +134,25 @@ class RunSettings:
         if self.statistics not in ("auto", *STATISTICS):
             raise ValueError(f"--statistics {self.statistics!r}: expected auto or one of {STATISTICS}")
         if self.method not in FORESIGHT_METHODS:
-            inside = [n for n in ("obs_update", "masked_adapter", "prune_at_start", "reset_optimizer")
-                      if getattr(self, n)] + \
+            inside = (["reset_optimizer"] if self.reset_optimizer else []) + \
                 (["statistics training"] if self.statistics == "training" else [])
             if inside:
                 raise ValueError(f"--{inside[0].replace('_', '-')} applies to efficientxpert and foresight "
                                  f"(pruning inside training), not --method {self.method}")
         if self.keep_adapter and self.method == "dense":
             raise ValueError("--keep-adapter applies to pruning methods: --method dense prunes nothing")
-        if self.keep_adapter and self.masked_adapter:
-            raise ValueError("--keep-adapter keeps a plain LoRA adapter; --masked-adapter masks its delta elementwise, "
-                             "which an unmerged adapter cannot hold: choose one")
         if self.method != "dense":
             self.prune_config().validate()
-        if self.statistics == "training" and self.method != "dense" and self.prune_config().needs_hessian:
-            raise ValueError("--statistics training records no Hessian, which --obs-update needs")
         if self.fsdp:
             if not distributed.launched():
                 raise ValueError("--fsdp shards the model over the processes of a distributed launch: run "
                                  "torchrun --nproc-per-node N efx run --fsdp ... (or accelerate launch)")
-            if self.masked_adapter:
-                raise ValueError("--masked-adapter holds a full keep-mask of every target on each rank, which "
-                                 "--fsdp exists to avoid")
-            if self.method != "dense" and (self.method not in FORESIGHT_METHODS or self.prune_at_start
+            if self.method != "dense" and (self.method not in FORESIGHT_METHODS
                                            or self.callback_statistics != "training"):
                 raise ValueError("--fsdp prunes with the statistics recorded during training: efficientxpert or "
-                                 "foresight with --statistics training (the default) and without --prune-at-start "
-                                 "or --obs-update, or --method dense; the calibration pass and the baselines run "
-                                 "blocks on their own, outside the sharded forward")
+                                 "foresight with --statistics training (the default), or --method dense; the "
+                                 "calibration pass and the baselines run blocks on their own, outside the sharded "
+                                 "forward")
         if self.domain not in ("medical", "legal") and not Path(self.domain).exists():
             raise ValueError(f"--domain {self.domain!r}: expected medical, legal or an existing path")
 
@@ -182,8 +161,7 @@ class RunSettings:
         """The statistics the pruning calls use ("auto" resolved)."""
         if self.statistics != "auto":
             return self.statistics
-        fits = self.method in FORESIGHT_METHODS and not self.prune_config().needs_hessian
-        return "training" if fits else "calibration"
+        return "training" if self.method in FORESIGHT_METHODS else "calibration"
 
     @property
     def callback_record_steps(self) -> int | None:
@@ -194,13 +172,11 @@ class RunSettings:
 
     def callback_kwargs(self) -> dict:
         """The `EfficientXpertCallback` options of these settings."""
-        return {"masked_adapter": self.masked_adapter, "statistics": self.callback_statistics,
-                "prune_at_start": self.prune_at_start, "reset_optimizer": self.reset_optimizer}
+        return {"statistics": self.callback_statistics, "reset_optimizer": self.reset_optimizer}
 
     def prune_config(self) -> PruneConfig:
         return PruneConfig(method=self.method, sparsity=self.sparsity, pattern=self.pattern, preset=self.preset,
-                           granularity=self.granularity, pbs_keep_weight=self.pbs_keep_weight,
-                           mask_lr=self.mask_lr, obs_update=self.obs_update, seed=self.seed)
+                           seed=self.seed)
 
     def lora(self) -> LoraSettings:
         return LoraSettings(r=self.lora_r, alpha=self.lora_alpha)

@@ -3,6 +3,5 @@
 statistics (the calibration pass) or recorder (statistics of the training forwards)
 -> foresight (score and selection) -> pbs (Partial Brain Surgeon) -> prune (one pruning call:
 score, update, merge, mask, re-init; baselines holds the Wanda, magnitude and SparseGPT scores)
--> schedule (the calls inside LoRA training; score_memory carries scores and masks between calls,
-masked_adapter keeps the adapter inside the mask between them).
+-> schedule (the calls inside LoRA training; score_memory carries scores and masks between calls).
 """

@@ -9,15 +9,15 @@ from dataclasses import replace
 
 from transformers import TrainerCallback
 
-from efx.method import masked_adapter
 from efx.method.recorder import ActivationRecorder
-from efx.model.arch import architecture_map
 from efx.method.prune import CARRIED, PruneConfig, prune
 from efx.method.score_memory import CarriedTensors, PruneMemory
 
 log = logging.getLogger(__name__)
 
 STATISTICS = ("calibration", "training")
+SCHEDULES = ("epoch", "steps", "ramp")
+RAMP_END = 2 / 3  # the fraction of training at which the ramp reaches the target sparsity
 CALIBRATION_SEQUENCES = 32  # what "training" statistics record before a call when no calibration set is given
 
 
@@ -30,21 +30,24 @@ class EfficientXpertCallback(TrainerCallback):
     """Prune during training.
 
     Schedule "epoch" (the authors'): one call at the start of every epoch after the first.
-    Schedule "steps": one call every `every_steps` optimizer steps. Either way a final call at
-    train end runs without PBS and without score memory, so the model ends merged and exactly
-    sparse (the adapter is reset to B = 0; `merge_and_unload()` then yields the plain model).
+    Schedule "steps": one call every `every_steps` optimizer steps.
+    Schedule "ramp" (efx option, gradual pruning): one call every `every_steps` steps up to two
+    thirds of training, at the cubic sparsity s_f * (1 - (1 - t / t_end)^3) of gradual magnitude
+    pruning (Zhu & Gupta, 2017), reaching the target at the last of them; these calls prune the
+    base alone (`PruneConfig.merge` False: no PBS, no merge), so one adapter trains on the ever
+    sparser base for the whole budget. Unstructured sparsity only.
+    Whatever the schedule a final call at train end runs without PBS and without score memory,
+    so the model ends merged and exactly sparse (the adapter is reset to B = 0;
+    `merge_and_unload()` then yields the plain model).
     With `keep_adapter` the final call prunes the base alone and leaves the trained adapter
     unmerged beside it (`PruneConfig.merge` False).
 
     Args:
         calib: calibration data (see `efx.method.prune`); may be None with statistics="training".
         config: the pruning settings of the intermediate calls.
-        schedule: "epoch" or "steps".
-        every_steps: interval of the "steps" schedule.
+        schedule: "epoch", "steps" or "ramp".
+        every_steps: interval of the "steps" and "ramp" schedules.
         reset_optimizer: clear the optimizer state after each call (the authors keep it).
-        masked_adapter: between calls, mask the adapter delta with the last call's keep-masks, so
-            the effective weight stays sparse while training and the final call loses nothing
-            (see `efx.method.masked_adapter`; the authors leave the delta dense).
         statistics: "calibration" (each call runs the sequential calibration pass of method.md
             section 2) or "training" (each call uses the activation statistics recorded during
             the training forwards of the last optimizer steps before it that hold as many
@@ -52,9 +55,6 @@ class EfficientXpertCallback(TrainerCallback):
             statistics of the weights nearest the call; see `efx.method.recorder`; not for
             methods that need the Hessian). Where the epoch length is unknown (a training set
             without a length), every step of the epoch schedule is recorded.
-        prune_at_start: also prune once before the first step (efx option), so that the whole
-            LoRA budget trains on the sparse base; that call runs the calibration pass (nothing is
-            recorded yet), so it needs `calib` whatever `statistics` is.
         work_dir: folder for the files the calls write (score memory, previous masks, undo); None:
             the system's temporary folder. Removed at train end.
         keep_adapter: end with the base pruned and the adapter trained since the last
@@ -62,34 +62,29 @@ class EfficientXpertCallback(TrainerCallback):
     """
 
     def __init__(self, calib, config: PruneConfig | None = None, *, schedule: str = "epoch",
-                 every_steps: int | None = None, reset_optimizer: bool = False, masked_adapter: bool = False,
-                 statistics: str = "calibration", prune_at_start: bool = False,
-                 work_dir=None, keep_adapter: bool = False):
-        if schedule not in ("epoch", "steps"):
-            raise ValueError(f"schedule {schedule!r}: expected 'epoch' or 'steps'")
-        if schedule == "steps" and not every_steps:
-            raise ValueError("schedule 'steps' needs every_steps > 0")
+                 every_steps: int | None = None, reset_optimizer: bool = False,
+                 statistics: str = "calibration", work_dir=None, keep_adapter: bool = False):
+        if schedule not in SCHEDULES:
+            raise ValueError(f"schedule {schedule!r}: expected one of {SCHEDULES}")
+        if schedule != "epoch" and not every_steps:
+            raise ValueError(f"schedule {schedule!r} needs every_steps > 0")
         if statistics not in STATISTICS:
             raise ValueError(f"statistics {statistics!r}: expected one of {STATISTICS}")
         if statistics == "calibration" and calib is None:
             raise ValueError("statistics 'calibration' needs calibration data (calib is None)")
-        if prune_at_start and calib is None:
-            raise ValueError("prune_at_start needs calibration data: no statistics are recorded before the first step")
-        if keep_adapter and masked_adapter:
-            raise ValueError("keep_adapter keeps a plain LoRA adapter; masked_adapter masks its delta elementwise, "
-                             "which an unmerged adapter cannot hold: choose one")
         self.calib = calib
         self.config = config or PruneConfig()
         self.config.validate()
+        if schedule == "ramp" and self.config.pattern != "unstructured":
+            raise ValueError(f"schedule 'ramp' raises an unstructured sparsity; pattern {self.config.pattern!r} "
+                             "has one fixed sparsity")
         if statistics == "training" and self.config.needs_hessian:
             raise ValueError(f"statistics 'training' records no Hessian E[x x^T], which method "
                              f"{self.config.method!r} with these options needs")
         self.schedule = schedule
         self.every_steps = every_steps
         self.reset_optimizer = reset_optimizer
-        self.masked_adapter = masked_adapter
         self.statistics = statistics
-        self.prune_at_start = prune_at_start
         self.record_sequences = CALIBRATION_SEQUENCES if calib is None else \
             sum(len(batch["input_ids"]) for batch in calib)
         self.record_steps: int | None = None  # the window in optimizer steps, set when training starts
@@ -105,16 +100,12 @@ class EfficientXpertCallback(TrainerCallback):
         """One call. The final call carries nothing to a next one; the last intermediate call
         (`another_follows` False) carries its masks but not its scores, which the final call,
         running without score memory, would not read."""
-        arch = architecture_map(model)
-        masked_adapter.fold(arch)  # no-op unless the adapter is masked
         recorded = self.recorder if self.recorder is not None and self.recorder.tokens else None
         carry = () if final else (CARRIED if another_follows else ("masks",))
         report = prune(model, self.calib, config, memory=self.memory, recorded=recorded, carry=carry,
                        work_dir=self.work_dir)
         if self.recorder is not None:
             self.recorder.reset()
-        if self.masked_adapter and not final:
-            masked_adapter.attach(arch, self.memory.masks)
         entry = report.to_dict()
         entry["when"] = when
         self.reports.append(entry)
@@ -129,8 +120,6 @@ class EfficientXpertCallback(TrainerCallback):
             if self.recorder is not None:
                 self.recorder.remove()
             self.recorder = ActivationRecorder(model)
-        if self.prune_at_start:
-            self._call(model, None, self.config, "train start")
 
     def on_epoch_begin(self, args, state, control, model=None, optimizer=None, train_dataloader=None, **kwargs):
         try:
@@ -145,11 +134,18 @@ class EfficientXpertCallback(TrainerCallback):
             self._call(model, optimizer, self.config, f"epoch {round(state.epoch) + 1} start",
                        another_follows=not last_epoch)
 
+    def _ramp_end(self, state) -> int:
+        """The step of the ramp's last call (a multiple of every_steps, at least the first)."""
+        return max(int(RAMP_END * state.max_steps) // self.every_steps, 1) * self.every_steps
+
     def _next_call_step(self, state) -> int | None:
         """The global step after which the next call runs (None: unknown)."""
-        if self.schedule == "steps":
-            return min(math.ceil((state.global_step + 1) / self.every_steps) * self.every_steps, state.max_steps)
-        return self._epoch_end
+        if self.schedule == "epoch":
+            return self._epoch_end
+        step = math.ceil((state.global_step + 1) / self.every_steps) * self.every_steps
+        if self.schedule == "ramp" and step > self._ramp_end(state):
+            return state.max_steps
+        return min(step, state.max_steps)
 
     def on_step_begin(self, args, state, control, **kwargs):
         if self.recorder is not None:
@@ -157,10 +153,16 @@ class EfficientXpertCallback(TrainerCallback):
             self.recorder.active = end is None or end - state.global_step <= self.record_steps
 
     def on_step_end(self, args, state, control, model=None, optimizer=None, **kwargs):
-        if self.schedule == "steps" and state.global_step % self.every_steps == 0 \
-                and state.global_step < state.max_steps:
-            self._call(model, optimizer, self.config, f"step {state.global_step}",
-                       another_follows=state.global_step + self.every_steps < state.max_steps)
+        step = state.global_step
+        if self.schedule == "steps" and step % self.every_steps == 0 and step < state.max_steps:
+            self._call(model, optimizer, self.config, f"step {step}",
+                       another_follows=step + self.every_steps < state.max_steps)
+        if self.schedule == "ramp" and step % self.every_steps == 0 and step <= self._ramp_end(state) \
+                and step < state.max_steps:
+            end = self._ramp_end(state)
+            sparsity = self.config.sparsity * (1 - (1 - step / end) ** 3)
+            self._call(model, optimizer, replace(self.config, sparsity=sparsity, merge=False, pbs=False,
+                                                 obs_update=False), f"step {step}")
 
     def on_train_end(self, args, state, control, model=None, optimizer=None, **kwargs):
         final = replace(self.config, pbs=False, use_memory=False, merge=not self.keep_adapter,
