@@ -134,9 +134,24 @@ def test_ramp_schedule_prunes_the_base_gradually_and_keeps_one_adapter(monkeypat
     assert target_sparsity(unload(model)) == pytest.approx(0.5, abs=1e-9)
 
 
+def test_ramp_spreads_four_calls_over_two_thirds_of_training_when_no_interval_is_given():
+    from types import SimpleNamespace
+    for max_steps, every in ((60, 10), (300, 50), (8, 1), (2, 1)):
+        callback = EfficientXpertCallback([{"input_ids": [[0]]}], schedule="ramp")
+        callback.on_train_begin(None, SimpleNamespace(max_steps=max_steps), None)
+        assert callback.every_steps == every
+    callback = EfficientXpertCallback([{"input_ids": [[0]]}], schedule="ramp", every_steps=7)
+    callback.on_train_begin(None, SimpleNamespace(max_steps=60), None)
+    assert callback.every_steps == 7
+
+
 def test_bad_schedule():
     with pytest.raises(ValueError, match="every_steps"):
         EfficientXpertCallback([], schedule="steps")
+    with pytest.raises(ValueError, match="every_steps 0 must be positive"):
+        EfficientXpertCallback([{}], schedule="ramp", every_steps=0)
+    with pytest.raises(ValueError, match="the ramp's calls keep the adapter"):
+        EfficientXpertCallback([{}], schedule="ramp", reset_optimizer=True)
     with pytest.raises(ValueError, match="ramp"):
         EfficientXpertCallback([{}], PruneConfig(pattern="2:4"), schedule="ramp", every_steps=2)
     with pytest.raises(ValueError, match="schedule"):

@@ -34,7 +34,10 @@ def test_run_writes_expert_report_and_plots(tiny_setup, capsys):
     report = json.loads((out / "report.json").read_text())
     assert report["sparsity"]["overall"] == pytest.approx(0.5, abs=0.02)
     assert {"quiz"} == set(report["expert_eval"]["tasks"])
-    assert len(report["prune_calls"]) == 2 and report["packed"]["format"] == "bitmap"
+    # 4 steps: the ramp's calls after steps 1 and 2 (two thirds), then the final one
+    assert [c["when"] for c in report["prune_calls"]] == ["step 1", "step 2", "train end"]
+    assert report["schedule"] == "ramp" and report["packed"]["format"] == "bitmap"
+    assert "The base pruned on a cubic ramp" in (out / "report.md").read_text()
     assert report["statistics"] == "training"  # "auto" for efficientxpert
     assert report["record_steps"] == 1  # --calib 4 sequences at --batch-size 4
     assert "recorded during the training forwards, the last 1 optimizer step before each call" in (out / "report.md").read_text()
@@ -63,6 +66,7 @@ def test_run_writes_expert_report_and_plots(tiny_setup, capsys):
     (["--epochs", "1"], "epochs >= 2"), (["--pipeline", "lora-prune"], "--pipeline"),
     (["--statistics", "weights"], "--statistics"), (["--statistics", "training", "--method", "wanda"], "applies to"),
     (["--reset-optimizer", "--method", "sparsegpt"], "--reset-optimizer applies to"),
+    (["--reset-optimizer"], "re-initializes the adapter (--preset paper, or an N:M pattern)"),
     (["--dtype", "float16", "--device", "cpu"], "cannot train on a CPU"), (["--dtype", "half"], "--dtype"),
     (["--device", "tpu"], "--device"), (["--max-length", "0"], "--max-length"), (["--grad-accum", "0"], "--grad-accum"),
 ] + ([(["--device", "cuda"], "no CUDA device")] if not torch.cuda.is_available() else []))
@@ -80,6 +84,14 @@ def test_auto_statistics_resolve_per_method():
     assert RunSettings(method="foresight").callback_statistics == "training"
     assert RunSettings(method="wanda").callback_statistics == "calibration"
     assert RunSettings(statistics="calibration").callback_statistics == "calibration"
+
+
+def test_the_efx_preset_prunes_on_the_ramp_and_the_paper_preset_per_epoch():
+    from efx.cli.run import RunSettings
+    assert RunSettings().callback_kwargs() == {"statistics": "training", "schedule": "ramp", "reset_optimizer": False}
+    assert RunSettings(preset="paper").callback_schedule == "epoch"  # the authors' schedule
+    assert RunSettings(pattern="2:4").callback_schedule == "epoch"  # an N:M pattern has no ramp
+    RunSettings(preset="paper", reset_optimizer=True).validate()  # the epoch schedule re-initializes the adapter
 
 
 def test_training_statistics_record_the_steps_that_hold_the_calibration_size():

@@ -62,8 +62,8 @@ class RunSettings:
     (dense with zeros) and expert/adapter/ the peft adapter (efx eval and efx export pick it up; lm-eval loads
     it with peft=, vLLM with LoRA enabled)."""
     reset_optimizer: bool = False
-    """EfficientXpert: clear the optimizer state after each pruning call, which re-initializes the adapter
-    (the authors keep the state)."""
+    """EfficientXpert on the epoch schedule (--preset paper or an N:M pattern): clear the optimizer state after
+    each pruning call, which re-initializes the adapter (the authors keep the state)."""
     statistics: str = "auto"
     """EfficientXpert/ForeSight activation statistics: calibration (a calibration pass over --calib sequences per
     pruning call), training (recorded during the training forwards of the last steps before each call that hold
@@ -139,6 +139,10 @@ class RunSettings:
             if inside:
                 raise ValueError(f"--{inside[0].replace('_', '-')} applies to efficientxpert and foresight "
                                  f"(pruning inside training), not --method {self.method}")
+        if self.reset_optimizer and self.callback_schedule == "ramp":
+            raise ValueError("--reset-optimizer applies where a pruning call re-initializes the adapter (--preset "
+                             "paper, or an N:M pattern); with the efx preset at an unstructured sparsity the base "
+                             "is pruned on a ramp and one adapter trains throughout")
         if self.keep_adapter and self.method == "dense":
             raise ValueError("--keep-adapter applies to pruning methods: --method dense prunes nothing")
         if self.method != "dense":
@@ -170,9 +174,17 @@ class RunSettings:
             return None
         return record_window(self.calib, self.batch_size * self.grad_accum)
 
+    @property
+    def callback_schedule(self) -> str:
+        """The pruning schedule: the ramp for the efx preset at an unstructured sparsity (the base pruned
+        gradually under one adapter: the retention grid's best EfficientXpert recipe), else the authors'
+        epoch schedule (the paper preset reproduces it; an N:M pattern has no ramp)."""
+        return "ramp" if self.preset == "efx" and self.pattern == "unstructured" else "epoch"
+
     def callback_kwargs(self) -> dict:
         """The `EfficientXpertCallback` options of these settings."""
-        return {"statistics": self.callback_statistics, "reset_optimizer": self.reset_optimizer}
+        return {"statistics": self.callback_statistics, "schedule": self.callback_schedule,
+                "reset_optimizer": self.reset_optimizer}
 
     def prune_config(self) -> PruneConfig:
         return PruneConfig(method=self.method, sparsity=self.sparsity, pattern=self.pattern, preset=self.preset,
@@ -311,6 +323,7 @@ def run(settings: RunSettings, output: str | Path, *, overwrite: bool = False, r
         "retention_raw": retention(expert_eval, dense["eval"], metric="accuracy"),
         "sparsity": audit, "prune_calls": expert_stage.get("calls", []),
         "statistics": settings.callback_statistics if settings.method in FORESIGHT_METHODS else None,
+        "schedule": settings.callback_schedule if settings.method in FORESIGHT_METHODS else None,
         "record_steps": settings.callback_record_steps if settings.method in FORESIGHT_METHODS else None,
         "packed": expert_stage.get("packed"),
         "distributed": {"world_size": distributed.world_size(),

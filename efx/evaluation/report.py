@@ -122,7 +122,12 @@ def markdown(report: dict) -> str:
         window = f", the last {steps} optimizer step{'s' * (steps != 1)} before each call" if steps else ""
         source = {"training": f"recorded during the training forwards{window} (no calibration pass)",
                   "calibration": "from a calibration pass per call"}.get(report.get("statistics"))
-        lines += ["", "## Pruning calls", ""] + ([f"Activation statistics {source}.", ""] if source else []) + [
+        schedule = {"ramp": "The base pruned on a cubic ramp to the target sparsity under one adapter, then merged "
+                            "and pruned at train end.",
+                    "epoch": "A call at the start of every epoch after the first (each merges the adapter and "
+                             "re-initializes it) and one at train end."}.get(report.get("schedule"))
+        lines += ["", "## Pruning calls", ""] + ([schedule, ""] if schedule else []) + \
+            ([f"Activation statistics {source}.", ""] if source else []) + [
                   "| call | when | sparsity | mask overlap with previous | seconds |",
                   "| --- | --- | --- | --- | --- |"]
         for c in calls:

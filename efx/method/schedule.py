@@ -18,6 +18,7 @@ log = logging.getLogger(__name__)
 STATISTICS = ("calibration", "training")
 SCHEDULES = ("epoch", "steps", "ramp")
 RAMP_END = 2 / 3  # the fraction of training at which the ramp reaches the target sparsity
+RAMP_CALLS = 4  # the ramp's calls when no interval is given (every 10 steps of a 60-step run)
 CALIBRATION_SEQUENCES = 32  # what "training" statistics record before a call when no calibration set is given
 
 
@@ -32,10 +33,12 @@ class EfficientXpertCallback(TrainerCallback):
     Schedule "epoch" (the authors'): one call at the start of every epoch after the first.
     Schedule "steps": one call every `every_steps` optimizer steps.
     Schedule "ramp" (efx option, gradual pruning): one call every `every_steps` steps up to two
-    thirds of training, at the cubic sparsity s_f * (1 - (1 - t / t_end)^3) of gradual magnitude
-    pruning (Zhu & Gupta, 2017), reaching the target at the last of them; these calls prune the
-    base alone (`PruneConfig.merge` False: no PBS, no merge), so one adapter trains on the ever
-    sparser base for the whole budget. Unstructured sparsity only.
+    thirds of training (without `every_steps`: 4 calls spread over those two thirds), at the cubic
+    sparsity s_f * (1 - (1 - t / t_end)^3) of gradual magnitude pruning (Zhu & Gupta, 2017),
+    reaching the target at the last of them; these calls prune the base alone (`PruneConfig.merge`
+    False: no PBS, no merge), so one adapter trains on the ever sparser base for the whole budget
+    and the score memory blends the calls' scores. Unstructured sparsity only; what `efx run` does
+    with the efx preset.
     Whatever the schedule a final call at train end runs without PBS and without score memory,
     so the model ends merged and exactly sparse (the adapter is reset to B = 0;
     `merge_and_unload()` then yields the plain model).
@@ -46,8 +49,9 @@ class EfficientXpertCallback(TrainerCallback):
         calib: calibration data (see `efx.method.prune`); may be None with statistics="training".
         config: the pruning settings of the intermediate calls.
         schedule: "epoch", "steps" or "ramp".
-        every_steps: interval of the "steps" and "ramp" schedules.
-        reset_optimizer: clear the optimizer state after each call (the authors keep it).
+        every_steps: interval of the "steps" (required) and "ramp" schedules.
+        reset_optimizer: clear the optimizer state after each call that re-initializes the
+            adapter (the authors keep it); not with the ramp, whose calls keep the adapter.
         statistics: "calibration" (each call runs the sequential calibration pass of method.md
             section 2) or "training" (each call uses the activation statistics recorded during
             the training forwards of the last optimizer steps before it that hold as many
@@ -66,8 +70,13 @@ class EfficientXpertCallback(TrainerCallback):
                  statistics: str = "calibration", work_dir=None, keep_adapter: bool = False):
         if schedule not in SCHEDULES:
             raise ValueError(f"schedule {schedule!r}: expected one of {SCHEDULES}")
-        if schedule != "epoch" and not every_steps:
+        if schedule == "steps" and not every_steps:
             raise ValueError(f"schedule {schedule!r} needs every_steps > 0")
+        if every_steps is not None and every_steps <= 0:
+            raise ValueError(f"every_steps {every_steps} must be positive")
+        if schedule == "ramp" and reset_optimizer:
+            raise ValueError("reset_optimizer clears the optimizer state of a re-initialized adapter; the ramp's "
+                             "calls keep the adapter (schedule 'epoch' or 'steps' re-initialize it)")
         if statistics not in STATISTICS:
             raise ValueError(f"statistics {statistics!r}: expected one of {STATISTICS}")
         if statistics == "calibration" and calib is None:
@@ -114,6 +123,8 @@ class EfficientXpertCallback(TrainerCallback):
         model.train()
 
     def on_train_begin(self, args, state, control, model=None, **kwargs):
+        if self.schedule == "ramp" and self.every_steps is None:
+            self.every_steps = max(round(RAMP_END * state.max_steps / RAMP_CALLS), 1)
         if self.statistics == "training":
             self.record_steps = record_window(self.record_sequences,
                                               args.per_device_train_batch_size * args.gradient_accumulation_steps)
