@@ -58,8 +58,9 @@ def retention_section() -> list[str]:
         lines.append(f"| {domain} | perplexity | {ref['base_eval']['perplexity']['perplexity']:.2f} | "
                      f"{ref['eval']['perplexity']['perplexity']:.2f} | |")
     lines += ["", "### Retention by method", "",
-              "Methods: `efficientxpert-efx` is `efx run`'s recipe with calibration statistics; `-trainstats-last4` "
-              "records the statistics in the last 4 optimizer steps before each call (the `efx run` default); "
+              "Methods: `efficientxpert-efx` is the epoch schedule with the efx preset and calibration statistics; "
+              "`-trainstats-last4` records the statistics in the last 4 optimizer steps before each call (the "
+              "`efx run` default when these rows ran; its default recipe is the ramp of the v3 grid below); "
               "`-masked` masked adapter; `-obs` OBS update of the kept weights; `-early` a call before the first "
               "step plus the masked adapter; `-reset` optimizer state cleared after each call; `-hessian` Hessian "
               "PBS; `-matrix` per-matrix selection; `paper` the authors' code; `foresight` no PBS; "
@@ -80,8 +81,9 @@ def retention_v3_section() -> list[str]:
              "File `benchmarks/results/v3/domain_retention.json`: the test items of suite v3 (no test prompt a "
              f"near-duplicate of a training text), {first.get('n_test', 300)} items per task or the whole test "
              f"pool, the same budget as above. Versions: {_versions(first['versions'])}. `efx-run-default` is what "
-             "`efx run` does with its defaults; `efficientxpert-efx-ramp` prunes the base on a cubic ramp (steps "
-             "10 to 40 of 60) with one adapter trained throughout.", ""]
+             "`efx run` did with its defaults when the row ran (its settings are in the row); "
+             "`efficientxpert-efx-ramp` prunes the base on a cubic ramp (steps 10 to 40 of 60) with one adapter "
+             "trained throughout, which is `efx run`'s default recipe.", ""]
     lines += [line.replace("### ", "#### ") for line in bench.summary(results)]
     paired = bench.paired(results)
     if paired:
