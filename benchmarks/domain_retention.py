@@ -40,8 +40,6 @@ log = logging.getLogger("domain_retention")
 METHODS = {
     "efx-run-default": (None, "inside"),
     "efficientxpert-efx-hessian": ({"method": "efficientxpert", "preset": "efx", "pbs_hessian": True}, "inside"),
-    "efficientxpert-efx-matrix": ({"method": "efficientxpert", "preset": "efx", "granularity": "matrix"}, "inside"),
-    "efficientxpert-efx-obs": ({"method": "efficientxpert", "preset": "efx", "obs_update": True}, "inside"),
     "efficientxpert-efx-reset": ({"method": "efficientxpert", "preset": "efx"}, "inside", {"reset_optimizer": True}),
     # recorded in the last 4 steps before each call (32 sequences, the calibration size)
     "efficientxpert-efx-trainstats-last4": ({"method": "efficientxpert", "preset": "efx"}, "inside",

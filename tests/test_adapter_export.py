@@ -39,8 +39,6 @@ def test_a_call_without_merge_prunes_w_by_its_own_score_and_leaves_the_adapter()
         assert torch.equal(base_linear(module).weight, torch.where(keep, W, torch.zeros_like(W))), name
     with pytest.raises(ValueError, match="merge=False"):
         PruneConfig(merge=False, pbs=True).validate()
-    with pytest.raises(ValueError, match="merge=False"):
-        PruneConfig(merge=False, obs_update=True).validate()
 
 
 @pytest.fixture(scope="module")

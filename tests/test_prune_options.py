@@ -1,4 +1,4 @@
-"""Every preset, granularity and option of a pruning call, end to end through `efx.prune`, and
+"""Every preset and option of a pruning call, end to end through `efx.prune`, and
 the settings a call refuses."""
 import copy
 import math
@@ -41,15 +41,6 @@ def test_paper_preset_prunes_per_row_with_column_factors():
     got, other = weights(paper), weights(efx)
     assert all(row_counts_exact(w, 0.5) for w in got.values()) and adapters_reset(paper)
     assert not torch.equal(got[Q0] == 0, other[Q0] == 0)
-
-
-def test_matrix_granularity_counts_per_matrix_and_lets_rows_differ():
-    model = lora_model()
-    prune(model, padded_calib(), PruneConfig(sparsity=0.4, granularity="matrix"))
-    for name, w in weights(model).items():
-        assert int((w == 0).sum()) == math.floor(w.numel() * 0.4), name
-    per_row = (weights(model)[Q0] == 0).sum(1)
-    assert per_row.min() < per_row.max()  # the row factors move budget between rows
 
 
 def output_error(model_before, model_after, calib, role="q") -> float:
@@ -147,7 +138,6 @@ def test_the_mask_preserving_merge_leaves_positive_zeros():
 
 
 @pytest.mark.parametrize("settings, message", [
-    (dict(preset="paper", granularity="matrix"), "preset 'paper'"),
     (dict(preset="paper", pattern="2:4"), "preset 'paper'"),
     (dict(pbs_keep_weight=1.5), r"outside \[0, 1\]"),
     (dict(pbs_keep_weight=-0.1), r"outside \[0, 1\]"),

@@ -19,8 +19,7 @@ def wanda_score(U: torch.Tensor, act_sq: torch.Tensor, tokens: int) -> torch.Ten
 
 @torch.no_grad()
 def sparsegpt(W: torch.Tensor, hessian: torch.Tensor, sparsity: float, pattern: str = "unstructured",
-              block_size: int = 128, damp: float = 0.01, keep_mask: torch.Tensor | None = None
-              ) -> tuple[torch.Tensor, torch.Tensor]:
+              block_size: int = 128, damp: float = 0.01) -> tuple[torch.Tensor, torch.Tensor]:
     """SparseGPT (Frantar & Alistarh, 2023): prune columns left to right in blocks, choosing the
     mask by w^2 / [H^-1]_jj^2 and spreading each pruned weight's error over the not yet visited
     columns through the Cholesky factor of H^-1.
@@ -29,8 +28,6 @@ def sparsegpt(W: torch.Tensor, hessian: torch.Tensor, sparsity: float, pattern: 
         W: (m, n) weight (not modified). hessian: (n, n) E[x x^T] (any positive scale).
         sparsity: fraction pruned per block of columns (unstructured); ignored for N:M.
         block_size: columns per lazy-update block (128). damp: dampening, fraction of mean diag(H).
-        keep_mask: a fixed mask (bool, True = kept) instead of SparseGPT's own choice: only the
-            OBS update of the kept weights is done (sparsity and pattern are then ignored).
     Returns:
         (new weight in W's dtype with exact zeros, keep-mask bool).
     """
@@ -51,12 +48,10 @@ def sparsegpt(W: torch.Tensor, hessian: torch.Tensor, sparsity: float, pattern: 
         d = h_block.diagonal()
         errors = torch.zeros_like(block)
         block_keep = torch.ones_like(block, dtype=torch.bool)
-        if keep_mask is not None:
-            block_keep = keep_mask[:, start:end].clone()
-        elif nm is None:
+        if nm is None:
             block_keep = select_keep_mask(block.pow(2) / d.pow(2)[None, :], sparsity, granularity="matrix")
         for i in range(end - start):
-            if keep_mask is None and nm is not None and i % nm[1] == 0:
+            if nm is not None and i % nm[1] == 0:
                 group = block[:, i:i + nm[1]].pow(2) / d[i:i + nm[1]].pow(2)[None, :]
                 block_keep[:, i:i + nm[1]] = select_keep_mask(group, 0.0, pattern)
             column = block[:, i]

@@ -15,8 +15,8 @@ import torch
 
 import efx_kernels
 from efx.method import baselines, sharding
-from efx.method.foresight import (GRANULARITIES, PRESETS, activation_statistic, foresight_score, parse_pattern,
-                                  score_inputs, select_keep_mask)
+from efx.method.foresight import (PRESETS, activation_statistic, foresight_score, parse_pattern, score_inputs,
+                                  select_keep_mask)
 from efx.method.pbs import all_finite, hessian_pbs, partial_brain_surgeon
 from efx.method.score_memory import CarriedTensors, PruneMemory, mask_overlap, pack_mask
 from efx.method.statistics import ModuleStats, as_batches, calibrate
@@ -40,8 +40,6 @@ class PruneConfig:
     """Fraction of each target's weights removed (unstructured); N:M patterns fix it at 1 - N/M."""
     pattern: str = "unstructured"
     """"unstructured", or "N:M" such as "2:4" and "4:8"."""
-    granularity: str = "row"
-    """Where unstructured selection ranks scores: "row" (each output row) or "matrix"."""
     preset: str = "efx"
     """ForeSight/PBS preset: "efx" (method.md's corrected form) or "paper" (the authors' code)."""
     pbs: bool | None = None
@@ -54,10 +52,6 @@ class PruneConfig:
     """Limit PBS to the c largest pruned weights of each row."""
     pbs_hessian: bool = False
     """Use Hessian PBS (full E[x x^T]) instead of the diagonal objective."""
-    obs_update: bool = False
-    """efx extension: after the ForeSight mask is chosen, update the kept weights of the merged
-    W + s*B@A with SparseGPT's OBS solver under that mask (full-rank compensation through E[x x^T],
-    where PBS compensates only inside the adapter's row space); replaces PBS."""
     mask_lr: float = 0.5
     """eta of the score memory S_t = eta*I_t + (1-eta)*S_{t-1}."""
     use_memory: bool = True
@@ -75,8 +69,8 @@ class PruneConfig:
     merge: bool = True
     """Merge s*B@A into W and re-initialize the adapter. False: prune W alone and leave the
     adapter as it is, beside the sparse base and unmerged (the form peft, vLLM with LoRA and
-    lm-eval's `peft=` load). The score is then taken on W, which is what gets pruned; PBS and the
-    OBS update, which exist to prepare a merge, do not run."""
+    lm-eval's `peft=` load). The score is then taken on W, which is what gets pruned; PBS, which
+    exists to prepare a merge, does not run."""
 
     @property
     def run_pbs(self) -> bool:
@@ -84,9 +78,8 @@ class PruneConfig:
 
     @property
     def needs_hessian(self) -> bool:
-        """True when the call needs E[x x^T] (SparseGPT, Hessian PBS, the OBS update)."""
-        return self.method == "sparsegpt" or (self.run_pbs and self.pbs_hessian) or \
-            (self.obs_update and self.method in FORESIGHT_METHODS)
+        """True when the call needs E[x x^T] (SparseGPT, Hessian PBS)."""
+        return self.method == "sparsegpt" or (self.run_pbs and self.pbs_hessian)
 
     def validate(self) -> None:
         """Raise ValueError naming the first bad setting."""
@@ -95,8 +88,6 @@ class PruneConfig:
         if not (isinstance(self.sparsity, (int, float)) and 0.0 <= self.sparsity < 1.0):
             raise ValueError(f"sparsity {self.sparsity!r} is outside [0, 1)")
         parse_pattern(self.pattern)
-        if self.granularity not in GRANULARITIES:
-            raise ValueError(f"granularity {self.granularity!r}: expected one of {GRANULARITIES}")
         if self.preset not in PRESETS:
             raise ValueError(f"preset {self.preset!r}: expected one of {PRESETS}")
         if not 0.0 < self.mask_lr <= 1.0:
@@ -111,16 +102,13 @@ class PruneConfig:
                                                         self.pbs_max_pruned_per_row <= 0):
             raise ValueError(f"pbs_max_pruned_per_row {self.pbs_max_pruned_per_row!r}: expected a positive integer "
                              "or None")
-        if self.preset == "paper" and (self.granularity != "row" or self.pattern != "unstructured"):
-            raise ValueError("preset 'paper' reproduces the authors' code, which selects per row and unstructured "
-                             f"only; got granularity {self.granularity!r}, pattern {self.pattern!r}")
+        if self.preset == "paper" and self.pattern != "unstructured":
+            raise ValueError("preset 'paper' reproduces the authors' code, which prunes unstructured only; got "
+                             f"pattern {self.pattern!r}")
         if self.calib_batch_size <= 0:
             raise ValueError(f"calib_batch_size {self.calib_batch_size} must be positive")
-        if not self.merge and (self.pbs or self.obs_update):
-            raise ValueError("merge=False keeps the adapter unmerged; PBS and the OBS update prepare a merge "
-                             "(set pbs=False and obs_update=False)")
-        if self.obs_update and self.method not in FORESIGHT_METHODS:
-            raise ValueError(f"obs_update applies to efficientxpert and foresight, not method {self.method!r}")
+        if not self.merge and self.pbs:
+            raise ValueError("merge=False keeps the adapter unmerged; PBS prepares a merge (set pbs=False)")
 
     @property
     def effective_sparsity(self) -> float:
@@ -353,7 +341,7 @@ def _prune_module(call: _Call, block: BlockMap, role: str, stats: ModuleStats) -
         if call.keep_scores:
             kept_score = score if sharded is None else sharding.shard_like(score, sharded)
             memory.scores.stage(name, kept_score.to(torch.bfloat16))
-        keep = select_keep_mask(score, sparsity, config.pattern, config.granularity)
+        keep = select_keep_mask(score, sparsity, config.pattern)
         del score, prev  # 4 + 2 bytes per weight that the merge below does not need
     elif config.method == "sparsegpt":
         merged, keep = baselines.sparsegpt(efx_kernels.effective_weight(weight, A, B, scale), stats.hessian,
@@ -362,13 +350,9 @@ def _prune_module(call: _Call, block: BlockMap, role: str, stats: ModuleStats) -
         U = efx_kernels.effective_weight(weight, A, B, scale)
         score = baselines.magnitude_score(U) if config.method == "magnitude" else \
             baselines.wanda_score(U, stats.act_sq, stats.tokens)
-        keep = select_keep_mask(score, sparsity, config.pattern, config.granularity)
+        keep = select_keep_mask(score, sparsity, config.pattern)
         del U, score
 
-    if merged is None and config.obs_update:  # validate() allows it for the ForeSight methods only
-        merged, keep = baselines.sparsegpt(efx_kernels.effective_weight(weight, A, B, scale),
-                                           stats.hessian.to(weight.device), sparsity, config.pattern,
-                                           config.sparsegpt_block, config.sparsegpt_damp, keep_mask=keep)
     if merged is None:
         if parts is not None and config.run_pbs:
             B = _pbs_update(weight, A, B, scale, keep, stats, config)

@@ -172,12 +172,11 @@ class EfficientXpertCallback(TrainerCallback):
                 and step < state.max_steps:
             end = self._ramp_end(state)
             sparsity = self.config.sparsity * (1 - (1 - step / end) ** 3)
-            self._call(model, optimizer, replace(self.config, sparsity=sparsity, merge=False, pbs=False,
-                                                 obs_update=False), f"step {step}")
+            self._call(model, optimizer, replace(self.config, sparsity=sparsity, merge=False, pbs=False),
+                       f"step {step}")
 
     def on_train_end(self, args, state, control, model=None, optimizer=None, **kwargs):
-        final = replace(self.config, pbs=False, use_memory=False, merge=not self.keep_adapter,
-                        obs_update=self.config.obs_update and not self.keep_adapter)
+        final = replace(self.config, pbs=False, use_memory=False, merge=not self.keep_adapter)
         try:
             self._call(model, optimizer, final, "train end", final=True)
         finally:
