@@ -18,7 +18,7 @@ log = logging.getLogger(__name__)
 STATISTICS = ("calibration", "training")
 SCHEDULES = ("epoch", "steps", "ramp")
 RAMP_END = 2 / 3  # the fraction of training at which the ramp reaches the target sparsity
-RAMP_CALLS = 4  # the ramp's calls when no interval is given (every 10 steps of a 60-step run)
+RAMP_CALLS = 4  # about the ramp's calls when no interval is given (every 10 steps of a 60-step run)
 CALIBRATION_SEQUENCES = 32  # what "training" statistics record before a call when no calibration set is given
 
 
@@ -33,12 +33,12 @@ class EfficientXpertCallback(TrainerCallback):
     Schedule "epoch" (the authors'): one call at the start of every epoch after the first.
     Schedule "steps": one call every `every_steps` optimizer steps.
     Schedule "ramp" (efx option, gradual pruning): one call every `every_steps` steps up to two
-    thirds of training (without `every_steps`: 4 calls spread over those two thirds), at the cubic
-    sparsity s_f * (1 - (1 - t / t_end)^3) of gradual magnitude pruning (Zhu & Gupta, 2017),
-    reaching the target at the last of them; these calls prune the base alone (`PruneConfig.merge`
-    False: no PBS, no merge), so one adapter trains on the ever sparser base for the whole budget
-    and the score memory blends the calls' scores. Unstructured sparsity only; what `efx run` does
-    with the efx preset.
+    thirds of training (without `every_steps`: every round(2/3 * steps / 4) steps, about 4
+    calls), at the cubic sparsity s_f * (1 - (1 - t / t_end)^3) of gradual magnitude pruning
+    (Zhu & Gupta, 2017), reaching the target at the last of them; these calls prune the base
+    alone (`PruneConfig.merge` False: no PBS, no merge), so one adapter trains on the ever sparser
+    base for the whole budget and the score memory blends the calls' scores. Unstructured
+    sparsity only; what `efx run` does with the efx preset.
     Whatever the schedule a final call at train end runs without PBS and without score memory,
     so the model ends merged and exactly sparse (the adapter is reset to B = 0;
     `merge_and_unload()` then yields the plain model).
