@@ -102,6 +102,27 @@ def test_each_call_carries_only_what_a_later_call_reads(monkeypatch, schedule):
     assert callback.reports[-1]["mask_overlap"] is not None
 
 
+def test_the_ramps_last_call_carries_no_scores(monkeypatch):
+    """6 steps: ramp calls at steps 1..4 blend scores; the last of them carries only its masks
+    (the final call blends no scores), and the final call keeps nothing."""
+    import efx.method.schedule as callback_module
+    tok = char_tokenizer()
+    callback = EfficientXpertCallback(calibration_batches(tok, EXAMPLES, n=8), PruneConfig(sparsity=0.5),
+                                      schedule="ramp", every_steps=1)
+    left = []
+
+    def counting_prune(*args, **kwargs):
+        report = real_prune(*args, **kwargs)
+        left.append((len(callback.memory.scores), len(callback.memory.masks)))
+        return report
+
+    real_prune = callback_module.prune
+    monkeypatch.setattr(callback_module, "prune", counting_prune)
+    settings = TrainSettings(epochs=3, n_examples=0, batch_size=8, learning_rate=1e-2)
+    train_lora(tiny_model("llama", vocab_size=256), tok, EXAMPLES, training=settings, callbacks=[callback])
+    assert left == [(14, 14), (14, 14), (14, 14), (0, 14), (0, 0)]
+
+
 def test_ramp_schedule_prunes_the_base_gradually_and_keeps_one_adapter(monkeypatch):
     """16 examples at batch 8 for 3 epochs: 6 steps, ramp calls at steps 1..4 (two thirds), at
     the cubic sparsities 0.5 * (1 - (1 - t/4)^3), each pruning the base alone; the adapter is

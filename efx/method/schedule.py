@@ -173,7 +173,7 @@ class EfficientXpertCallback(TrainerCallback):
             end = self._ramp_end(state)
             sparsity = self.config.sparsity * (1 - (1 - step / end) ** 3)
             self._call(model, optimizer, replace(self.config, sparsity=sparsity, merge=False, pbs=False),
-                       f"step {step}")
+                       f"step {step}", another_follows=step < end)
 
     def on_train_end(self, args, state, control, model=None, optimizer=None, **kwargs):
         final = replace(self.config, pbs=False, use_memory=False, merge=not self.keep_adapter)
