@@ -90,8 +90,9 @@ def prune_config(fields: dict, sparsity: str, seed: int) -> PruneConfig:
 
 def run_one(base, tokenizer, suite, settings: RunSettings, method: str, sparsity: str, dense_model=None) -> dict:
     fields, pipeline, *options = METHODS[method]
-    if fields is None:
-        defaults = RunSettings(seed=settings.seed)
+    if fields is None:  # efx run's defaults at this setting's pattern (the schedule depends on it)
+        config = prune_config({}, sparsity, settings.seed)
+        defaults = RunSettings(seed=settings.seed, pattern=config.pattern)
         fields = {k: v for k, v in asdict(defaults.prune_config()).items() if k not in ("sparsity", "pattern", "seed")}
         options = [defaults.callback_kwargs()]
     config = prune_config(fields, sparsity, settings.seed)
