@@ -119,12 +119,12 @@ def _matmul_case(sl, jit, kernel_name, fmt, fmt_id, dtype, rank, config, tokens,
         values = dict(common, stride_y=n_out, stride_x=n_in, stride_xa=block_r, stride_b=max(rank, 1))
         pointers = {"y_ptr": elem, "x_ptr": elem, "w0_ptr": w_types[0], "w1_ptr": w_types[1], "w2_ptr": w_types[2],
                     "xa_ptr": elem, "b_ptr": elem, "bias_ptr": elem}
-        constexprs = dict(FORMAT=fmt_id, HAS_LORA=rank > 0, HAS_BIAS=False, VALUES=values_dtype)
+        constexprs = dict(FORMAT=fmt_id, HAS_LORA=rank > 0, HAS_BIAS=False, VALUES=values_dtype, EMULATE=False)
     else:
         values = dict(common, stride_dx=n_in, stride_dy=n_out, stride_dyb=block_r, stride_a=n_in)
         pointers = {"dx_ptr": elem, "dy_ptr": elem, "w0_ptr": w_types[0], "w1_ptr": w_types[1], "w2_ptr": w_types[2],
                     "dyb_ptr": elem, "a_ptr": elem}
-        constexprs = dict(FORMAT=fmt_id, HAS_LORA=rank > 0, VALUES=values_dtype)
+        constexprs = dict(FORMAT=fmt_id, HAS_LORA=rank > 0, VALUES=values_dtype, EMULATE=False)
     constexprs.update(BLOCK_M=config.kwargs["BLOCK_M"], BLOCK_ROWS=config.kwargs["BLOCK_ROWS"], BLOCK_R=block_r)
     case = Case(kernel=kernel_name, dtype=dtype, rank=rank, tokens=tokens, format=fmt, kept=kept,
                 config={**config.kwargs, "num_warps": config.num_warps, "num_stages": config.num_stages},

@@ -14,8 +14,10 @@ GEMMs done by torch.
 Tile conventions: a weight tile is BLOCK_ROWS output features x 64 input features; bitmap
 tiles are 16 x 64, so bitmap kernels use BLOCK_ROWS = 16. The masked and 2:4 weight loads are
 pipelined with the activation load (cp.async into shared memory, num_stages deep); the 2:4 tile
-is read as one int64 position word and sixteen int32 value pairs per row, and its four lanes per
-group are placed with 64-bit shifts, not one masked load per element. The bitmap tile gathers
+is read as one int64 position word and sixteen int32 value pairs per row; a group's four lanes are
+two byte permutes (PTX prmt, inline assembly) of its value pair under a selector built from its
+position bits, not one masked load per element (the interpreter computes the same permute in
+tensor arithmetic). The bitmap tile gathers
 its values with one 2-byte load per kept element, outside the pipeline (sm_90 SASS:
 benchmarks/kernel_static.py).
 
@@ -150,8 +152,41 @@ BLOCK_K = TILE_COLS
 
 
 @triton.jit
+def _prmt(a, selector):
+    """What PTX `prmt.b32 d, a, 0, selector` computes (default mode), in tensor arithmetic: byte j
+    of d is byte (nibble j & 7) of the eight bytes {a, 0} (4-7 are zero), or its sign bit
+    replicated when the nibble's bit 3 is set. The interpreter has no inline assembly."""
+    d = tl.zeros_like(a)
+    for j in tl.static_range(4):
+        nib = (selector >> (4 * j)) & 0xF
+        byte = tl.where((nib & 7) < 4, (a >> (8 * (nib & 3))) & 0xFF, 0)
+        byte = tl.where((nib & 8) != 0, tl.where((byte & 0x80) != 0, 0xFF, 0), byte)
+        d = d | (byte << (8 * j))
+    return d
+
+
+@triton.jit
+def _place_lanes(pair, selector, EMULATE: tl.constexpr):
+    """The four 16-bit lanes (int16) of a 2:4 group: lanes 0-1 = prmt(pair, 0, selector), lanes
+    2-3 = prmt(pair, 0, selector >> 16). On the GPU two prmt instructions (inline PTX); EMULATE
+    (the interpreter) computes the same bits with _prmt."""
+    if EMULATE:
+        low = _prmt(pair, selector)
+        high = _prmt(pair, selector >> 16)
+        l0, l1 = low.to(tl.int16), (low >> 16).to(tl.int16)
+        l2, l3 = high.to(tl.int16), (high >> 16).to(tl.int16)
+    else:
+        l0, l1, l2, l3 = tl.inline_asm_elementwise(
+            "{ .reg .b32 lo, hi, s; prmt.b32 lo, $4, 0, $5; shr.b32 s, $5, 16; prmt.b32 hi, $4, 0, s; "
+            "mov.b32 {$0, $1}, lo; mov.b32 {$2, $3}, hi; }",
+            "=h,=h,=h,=h,r,r", args=[pair, selector], dtype=(tl.int16, tl.int16, tl.int16, tl.int16),
+            is_pure=True, pack=1)
+    return l0, l1, l2, l3
+
+
+@triton.jit
 def _weight_tile(w0_ptr, w1_ptr, w2_ptr, row0, k0, n_rows, n_cols, stride0, stride1, tiles_per_row,
-                 FORMAT: tl.constexpr, BLOCK_ROWS: tl.constexpr, VALUES: tl.constexpr):
+                 FORMAT: tl.constexpr, BLOCK_ROWS: tl.constexpr, VALUES: tl.constexpr, EMULATE: tl.constexpr):
     """Dense (BLOCK_ROWS x 64) tile of W at rows row0.., columns k0..k0+63 (zeros outside W).
 
     bitmap: w0 = values, w1 = bitmap words, w2 = tile offsets; 2:4: w0 = the values read as int32
@@ -176,15 +211,16 @@ def _weight_tile(w0_ptr, w1_ptr, w2_ptr, row0, k0, n_rows, n_cols, stride0, stri
         nibble = (word[:, None] >> (groups * 4).to(tl.int64)[None, :]).to(tl.int32)
         pair = tl.load(w0_ptr + rows[:, None] * stride0 + (k0 // 4 + groups)[None, :],
                        mask=in_rows[:, None] & ((k0 // 4 + groups) < n_cols // 4)[None, :], other=0)
-        # the group's four 16-bit lanes as one 64-bit word: the first value shifted to lane p0,
-        # the second to lane p1 (shift 16 * p = (position bits) << 4)
-        first = (pair & 0xFFFF).to(tl.int64) << ((nibble << 4) & 0x30).to(tl.int64)
-        second = ((pair >> 16) & 0xFFFF).to(tl.int64) << ((nibble << 2) & 0x30).to(tl.int64)
-        lanes = first | second
-        l0 = lanes.to(tl.int16).to(VALUES, bitcast=True)
-        l1 = (lanes >> 16).to(tl.int16).to(VALUES, bitcast=True)
-        l2 = (lanes >> 32).to(tl.int16).to(VALUES, bitcast=True)
-        l3 = (lanes >> 48).to(tl.int16).to(VALUES, bitcast=True)
+        # a byte-permute selector per group: byte j of `selector` names the source of lane j
+        # (0x10: the first value's two bytes, 0x32: the second's, 0x44: zero), so lane p0 takes
+        # the first value and lane p1 the second; one prmt per pair of lanes places them
+        one = tl.full(nibble.shape, 1, tl.int32)
+        selector = ((one * 0x54) << ((nibble << 3) & 0x18)) ^ ((one * 0x76) << ((nibble << 1) & 0x18)) ^ 0x44444444
+        l0, l1, l2, l3 = _place_lanes(pair, selector, EMULATE)
+        l0 = l0.to(VALUES, bitcast=True)
+        l1 = l1.to(VALUES, bitcast=True)
+        l2 = l2.to(VALUES, bitcast=True)
+        l3 = l3.to(VALUES, bitcast=True)
         tile = tl.reshape(tl.join(tl.join(l0, l2), tl.join(l1, l3)), (BLOCK_ROWS, 64))
     else:
         tile = tl.load(w0_ptr + rows[:, None] * stride0 + cols[None, :], mask=ok, other=0.0)
@@ -230,6 +266,7 @@ def m_bucket(n_tokens: int) -> int:
 def _forward_kernel(y_ptr, x_ptr, w0_ptr, w1_ptr, w2_ptr, xa_ptr, b_ptr, bias_ptr, n_tokens, n_out, n_in, rank,
                     m_bucket, stride_y, stride_x, stride0, stride1, tiles_per_row, stride_xa, stride_b,
                     FORMAT: tl.constexpr, HAS_LORA: tl.constexpr, HAS_BIAS: tl.constexpr, VALUES: tl.constexpr,
+                    EMULATE: tl.constexpr,
                     BLOCK_M: tl.constexpr, BLOCK_ROWS: tl.constexpr, BLOCK_R: tl.constexpr):
     tokens = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
     rows = tl.program_id(1) * BLOCK_ROWS + tl.arange(0, BLOCK_ROWS)
@@ -239,7 +276,7 @@ def _forward_kernel(y_ptr, x_ptr, w0_ptr, w1_ptr, w2_ptr, xa_ptr, b_ptr, bias_pt
         x = tl.load(x_ptr + tokens[:, None] * stride_x + cols[None, :],
                     mask=(tokens[:, None] < n_tokens) & (cols[None, :] < n_in), other=0.0)
         w = _weight_tile(w0_ptr, w1_ptr, w2_ptr, tl.program_id(1) * BLOCK_ROWS, k0, n_out, n_in, stride0, stride1,
-                         tiles_per_row, FORMAT, BLOCK_ROWS, VALUES)
+                         tiles_per_row, FORMAT, BLOCK_ROWS, VALUES, EMULATE)
         acc += tl.dot(x, tl.trans(w.to(x.dtype)))
     if HAS_LORA:
         ranks = tl.arange(0, BLOCK_R)
@@ -258,7 +295,7 @@ def _forward_kernel(y_ptr, x_ptr, w0_ptr, w1_ptr, w2_ptr, xa_ptr, b_ptr, bias_pt
 @triton.jit
 def _grad_input_kernel(dx_ptr, dy_ptr, w0_ptr, w1_ptr, w2_ptr, dyb_ptr, a_ptr, n_tokens, n_out, n_in, rank,
                        m_bucket, stride_dx, stride_dy, stride0, stride1, tiles_per_row, stride_dyb, stride_a,
-                       FORMAT: tl.constexpr, HAS_LORA: tl.constexpr, VALUES: tl.constexpr,
+                       FORMAT: tl.constexpr, HAS_LORA: tl.constexpr, VALUES: tl.constexpr, EMULATE: tl.constexpr,
                        BLOCK_M: tl.constexpr, BLOCK_ROWS: tl.constexpr, BLOCK_R: tl.constexpr):
     """dX[:, k0:k0+64] = dY @ W[:, k0:k0+64] + (s dY B) @ A[:, k0:k0+64]."""
     tokens = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -270,7 +307,7 @@ def _grad_input_kernel(dx_ptr, dy_ptr, w0_ptr, w1_ptr, w2_ptr, dyb_ptr, a_ptr, n
         dy = tl.load(dy_ptr + tokens[:, None] * stride_dy + rows[None, :],
                      mask=(tokens[:, None] < n_tokens) & (rows[None, :] < n_out), other=0.0)
         w = _weight_tile(w0_ptr, w1_ptr, w2_ptr, r0, k0, n_out, n_in, stride0, stride1, tiles_per_row, FORMAT,
-                         BLOCK_ROWS, VALUES)
+                         BLOCK_ROWS, VALUES, EMULATE)
         acc += tl.dot(dy, w.to(dy.dtype))
     if HAS_LORA:
         ranks = tl.arange(0, BLOCK_R)
@@ -328,7 +365,8 @@ def fused_forward(x2d: torch.Tensor, packed: PackedWeight, xa: torch.Tensor | No
                  bias if bias is not None else x2d, n_tokens, n_out, n_in, rank, m_bucket(n_tokens), y.stride(0),
                  x2d.stride(0), s0, s1, tiles_per_row, xa.stride(0) if xa is not None else 0,
                  B.stride(0) if B is not None else 0, FORMAT=FORMAT_IDS[packed.format], HAS_LORA=xa is not None,
-                 HAS_BIAS=bias is not None, VALUES=TRITON_DTYPES[packed.dtype], BLOCK_R=block_for_rank(rank), **tiles_kw)
+                 HAS_BIAS=bias is not None, VALUES=TRITON_DTYPES[packed.dtype], EMULATE=interpreting(),
+                 BLOCK_R=block_for_rank(rank), **tiles_kw)
     return y
 
 
@@ -346,5 +384,5 @@ def fused_grad_input(dy: torch.Tensor, packed: PackedWeight, dyb: torch.Tensor |
                  n_in, rank, m_bucket(n_tokens), dx.stride(0), dy.stride(0), s0, s1, tiles_per_row,
                  dyb.stride(0) if dyb is not None else 0, A.stride(0) if A is not None else 0,
                  FORMAT=FORMAT_IDS[packed.format], HAS_LORA=dyb is not None, VALUES=TRITON_DTYPES[packed.dtype],
-                 BLOCK_R=block_for_rank(rank), **tiles_kw)
+                 EMULATE=interpreting(), BLOCK_R=block_for_rank(rank), **tiles_kw)
     return dx
