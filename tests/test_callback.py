@@ -157,13 +157,13 @@ def test_ramp_schedule_prunes_the_base_gradually_and_keeps_one_adapter(monkeypat
 
 def test_ramp_spreads_four_calls_over_two_thirds_of_training_when_no_interval_is_given():
     from types import SimpleNamespace
-    for max_steps, every in ((60, 10), (300, 50), (8, 1), (2, 1)):
-        callback = EfficientXpertCallback([{"input_ids": [[0]]}], schedule="ramp")
+    callback = EfficientXpertCallback([{"input_ids": [[0]]}], schedule="ramp")
+    for max_steps, every in ((60, 10), (300, 50), (8, 1), (2, 1)):  # one callback, trainings of other lengths
         callback.on_train_begin(None, SimpleNamespace(max_steps=max_steps), None)
-        assert callback.every_steps == every
+        assert callback.interval == every and callback.every_steps is None
     callback = EfficientXpertCallback([{"input_ids": [[0]]}], schedule="ramp", every_steps=7)
     callback.on_train_begin(None, SimpleNamespace(max_steps=60), None)
-    assert callback.every_steps == 7
+    assert callback.interval == 7
 
 
 def test_bad_schedule():

@@ -92,6 +92,7 @@ class EfficientXpertCallback(TrainerCallback):
                              f"{self.config.method!r} with these options needs")
         self.schedule = schedule
         self.every_steps = every_steps
+        self.interval: int | None = every_steps  # steps between calls in this training (set when it starts)
         self.reset_optimizer = reset_optimizer
         self.statistics = statistics
         self.record_sequences = CALIBRATION_SEQUENCES if calib is None else \
@@ -124,7 +125,7 @@ class EfficientXpertCallback(TrainerCallback):
 
     def on_train_begin(self, args, state, control, model=None, **kwargs):
         if self.schedule == "ramp" and self.every_steps is None:
-            self.every_steps = max(round(RAMP_END * state.max_steps / RAMP_CALLS), 1)
+            self.interval = max(round(RAMP_END * state.max_steps / RAMP_CALLS), 1)
         if self.statistics == "training":
             self.record_steps = record_window(self.record_sequences,
                                               args.per_device_train_batch_size * args.gradient_accumulation_steps)
@@ -146,14 +147,14 @@ class EfficientXpertCallback(TrainerCallback):
                        another_follows=not last_epoch)
 
     def _ramp_end(self, state) -> int:
-        """The step of the ramp's last call (a multiple of every_steps, at least the first)."""
-        return max(int(RAMP_END * state.max_steps) // self.every_steps, 1) * self.every_steps
+        """The step of the ramp's last call (a multiple of the interval, at least the first)."""
+        return max(int(RAMP_END * state.max_steps) // self.interval, 1) * self.interval
 
     def _next_call_step(self, state) -> int | None:
         """The global step after which the next call runs (None: unknown)."""
         if self.schedule == "epoch":
             return self._epoch_end
-        step = math.ceil((state.global_step + 1) / self.every_steps) * self.every_steps
+        step = math.ceil((state.global_step + 1) / self.interval) * self.interval
         if self.schedule == "ramp" and step > self._ramp_end(state):
             return state.max_steps
         return min(step, state.max_steps)
@@ -165,10 +166,10 @@ class EfficientXpertCallback(TrainerCallback):
 
     def on_step_end(self, args, state, control, model=None, optimizer=None, **kwargs):
         step = state.global_step
-        if self.schedule == "steps" and step % self.every_steps == 0 and step < state.max_steps:
+        if self.schedule == "steps" and step % self.interval == 0 and step < state.max_steps:
             self._call(model, optimizer, self.config, f"step {step}",
-                       another_follows=step + self.every_steps < state.max_steps)
-        if self.schedule == "ramp" and step % self.every_steps == 0 and step <= self._ramp_end(state) \
+                       another_follows=step + self.interval < state.max_steps)
+        if self.schedule == "ramp" and step % self.interval == 0 and step <= self._ramp_end(state) \
                 and step < state.max_steps:
             end = self._ramp_end(state)
             sparsity = self.config.sparsity * (1 - (1 - step / end) ** 3)
