@@ -79,12 +79,10 @@ def test_step_schedule_and_prune_and_adapt_pipelines():
         assert len(report["calls"]) == (1 if pipeline == "lora-prune" else 2)
 
 
-@pytest.mark.parametrize("schedule", ["epoch", "steps"])
-def test_each_call_carries_only_what_a_later_call_reads(monkeypatch, schedule):
+def _carried_after_each_call(monkeypatch, callback, settings, tok) -> list:
+    """Train a tiny model with `callback`; (score tensors, mask tensors) carried after each call."""
     import efx.method.schedule as callback_module
-    tok = char_tokenizer()
-    steps = {"schedule": "steps", "every_steps": 3} if schedule == "steps" else {}  # steps: calls at 3 and 6 of 8
-    callback = EfficientXpertCallback(calibration_batches(tok, EXAMPLES, n=8), PruneConfig(sparsity=0.5), **steps)
+    real_prune = callback_module.prune
     left = []
 
     def counting_prune(*args, **kwargs):
@@ -92,10 +90,18 @@ def test_each_call_carries_only_what_a_later_call_reads(monkeypatch, schedule):
         left.append((len(callback.memory.scores), len(callback.memory.masks)))
         return report
 
-    real_prune = callback_module.prune
     monkeypatch.setattr(callback_module, "prune", counting_prune)
-    settings = TrainSettings(epochs=3 if schedule == "epoch" else 2, n_examples=0, batch_size=4, learning_rate=1e-2)
     train_lora(tiny_model("llama", vocab_size=256), tok, EXAMPLES, training=settings, callbacks=[callback])
+    return left
+
+
+@pytest.mark.parametrize("schedule", ["epoch", "steps"])
+def test_each_call_carries_only_what_a_later_call_reads(monkeypatch, schedule):
+    tok = char_tokenizer()
+    steps = {"schedule": "steps", "every_steps": 3} if schedule == "steps" else {}  # steps: calls at 3 and 6 of 8
+    callback = EfficientXpertCallback(calibration_batches(tok, EXAMPLES, n=8), PruneConfig(sparsity=0.5), **steps)
+    settings = TrainSettings(epochs=3 if schedule == "epoch" else 2, n_examples=0, batch_size=4, learning_rate=1e-2)
+    left = _carried_after_each_call(monkeypatch, callback, settings, tok)
     # the first call's scores feed the second; the second's would feed only the final call, which
     # blends no scores; its masks still give the final call's overlap, and the final call keeps nothing
     assert len(callback.reports) == 3 and left == [(14, 14), (0, 14), (0, 0)]
@@ -105,21 +111,11 @@ def test_each_call_carries_only_what_a_later_call_reads(monkeypatch, schedule):
 def test_the_ramps_last_call_carries_no_scores(monkeypatch):
     """6 steps: ramp calls at steps 1..4 blend scores; the last of them carries only its masks
     (the final call blends no scores), and the final call keeps nothing."""
-    import efx.method.schedule as callback_module
     tok = char_tokenizer()
     callback = EfficientXpertCallback(calibration_batches(tok, EXAMPLES, n=8), PruneConfig(sparsity=0.5),
                                       schedule="ramp", every_steps=1)
-    left = []
-
-    def counting_prune(*args, **kwargs):
-        report = real_prune(*args, **kwargs)
-        left.append((len(callback.memory.scores), len(callback.memory.masks)))
-        return report
-
-    real_prune = callback_module.prune
-    monkeypatch.setattr(callback_module, "prune", counting_prune)
     settings = TrainSettings(epochs=3, n_examples=0, batch_size=8, learning_rate=1e-2)
-    train_lora(tiny_model("llama", vocab_size=256), tok, EXAMPLES, training=settings, callbacks=[callback])
+    left = _carried_after_each_call(monkeypatch, callback, settings, tok)
     assert left == [(14, 14), (14, 14), (14, 14), (0, 14), (0, 0)]
 
 
