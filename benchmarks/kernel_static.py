@@ -106,13 +106,13 @@ def matmul_cases(dtypes, ranks, subset: bool) -> list[Case]:
 def _matmul_case(sl, jit, kernel_name, fmt, fmt_id, dtype, rank, config, tokens, kept, block_r) -> Case:
     n_out, n_in = INTERMEDIATE, HIDDEN
     elem = "*" + DTYPES[dtype]
-    # w0, w1, w2 as _weight_args passes them: 2:4 values as int32 pairs and int64 position words
-    w_types = {"bitmap": (elem, "*i32", "*i32"), "2:4": ("*i32", "*i64", "*i64"), "masked": (elem, elem, elem)}[fmt]
-    tiles_per_row = -(-n_in // 64) if fmt == "bitmap" else 0
+    # w0, w1, w2 as _weight_args passes them: 2:4 values as int32 pairs and int64 position words,
+    # bitmap values, int64 mask words and int32 offsets
+    w_types = {"bitmap": (elem, "*i64", "*i32"), "2:4": ("*i32", "*i64", "*i64"), "masked": (elem, elem, elem)}[fmt]
     stride0 = {"bitmap": 0, "2:4": n_in // 4, "masked": n_in}[fmt]
-    stride1 = {"bitmap": n_in // 32, "2:4": n_in // 64, "masked": 0}[fmt]
+    stride1 = {"bitmap": n_in // 64, "2:4": n_in // 64, "masked": 0}[fmt]
     common = dict(n_tokens=tokens, n_out=n_out, n_in=n_in, rank=max(rank, 1) if rank else 0, m_bucket=sl.m_bucket(tokens),
-                  stride0=stride0, stride1=stride1, tiles_per_row=tiles_per_row)
+                  stride0=stride0, stride1=stride1)
     import torch
     values_dtype = sl.TRITON_DTYPES[getattr(torch, dtype)]
     if kernel_name == "forward":

@@ -1,8 +1,8 @@
-"""Compressed formats for a pruned base weight (layouts: docs/formats.md, version 2).
+"""Compressed formats for a pruned base weight (layouts: docs/formats.md, version 3).
 
 - "2:4": kept values (m, n/2) plus 2-bit positions packed sixteen groups (64 columns) to an int64.
-- "bitmap": per 16 x 64 tile a bitmask, the tile's nonzero values packed in row-major order,
-  and each tile's offset into the value array; any sparsity.
+- "bitmap": per row and 64 columns an int64 bitmask, that segment's kept values packed from an
+  8-byte-aligned offset; any sparsity.
 - "masked": the dense weight with zeros (no compression; the reference layout).
 
 `pack(weight, keep_mask, format)` -> PackedWeight; `PackedWeight.unpack()` returns the dense
@@ -14,9 +14,8 @@ from dataclasses import dataclass, field
 
 import torch
 
-FORMAT_VERSION = 2
+FORMAT_VERSION = 3
 FORMATS = ("2:4", "bitmap", "masked")
-TILE_ROWS, TILE_COLS = 16, 64  # bitmap tile
 GROUPS_PER_WORD = 16  # 2:4 metadata: sixteen 4-column groups (4 bits each) per int64, one word per 64 columns
 
 
@@ -152,61 +151,88 @@ def _unpack_24(p):
 
 # ---- bitmap ---------------------------------------------------------------------------
 
-def _tiles(m, n):
-    return -(-m // TILE_ROWS), -(-n // TILE_COLS)
+SEGMENT = 64  # bitmap: columns per mask word
+ALIGN = 4  # bitmap: a segment's values start at a multiple of 4 elements (8 bytes in bf16/fp16)
+
+
+def _segments(n):
+    return -(-n // SEGMENT)
+
+
+def _mask_words(keep_p):
+    """int64 (m, segments): bit b of word s is column 64*s + b (bit 63 wraps into the sign)."""
+    m, np_ = keep_p.shape
+    shifts = torch.arange(SEGMENT, device=keep_p.device, dtype=torch.int64)
+    return (keep_p.reshape(m, np_ // SEGMENT, SEGMENT).to(torch.int64) << shifts).sum(-1)
 
 
 def _pack_bitmap(weight, keep):
     m, n = weight.shape
-    tr, tc = _tiles(m, n)
-    mp, np_ = tr * TILE_ROWS, tc * TILE_COLS
-    keep_p = torch.zeros(mp, np_, dtype=torch.bool, device=weight.device)
-    keep_p[:m, :n] = keep
-    vals_p = torch.zeros(mp, np_, dtype=weight.dtype, device=weight.device)
-    vals_p[:m, :n] = weight
-    # tile-major order: (tile row, tile col, row in tile, col in tile)
-    tiled_keep = keep_p.reshape(tr, TILE_ROWS, tc, TILE_COLS).permute(0, 2, 1, 3).reshape(tr * tc, -1)
-    tiled_vals = vals_p.reshape(tr, TILE_ROWS, tc, TILE_COLS).permute(0, 2, 1, 3).reshape(tr * tc, -1)
-    values = tiled_vals[tiled_keep]
-    counts = tiled_keep.sum(1)
-    offsets = torch.zeros(tr * tc + 1, dtype=torch.int64, device=weight.device)
-    offsets[1:] = counts.cumsum(0)
-    if offsets[-1] >= 2**31:
-        raise ValueError("bitmap format v1 holds at most 2^31 - 1 nonzeros per weight")
-    bits = keep_p.reshape(mp, np_ // 32, 32).to(torch.int64) << torch.arange(32, device=weight.device)
-    words = bits.sum(-1)
-    words = torch.where(words >= 2**31, words - 2**32, words).to(torch.int32)
-    return PackedWeight("bitmap", (m, n), weight.dtype, {"values": values.contiguous(), "bitmap": words.contiguous(),
-                                                          "offsets": offsets.to(torch.int32)})
+    segs = _segments(n)
+    keep_p = torch.zeros(m, segs * SEGMENT, dtype=torch.bool, device=weight.device)
+    keep_p[:, :n] = keep
+    vals_p = torch.zeros(m, segs * SEGMENT, dtype=weight.dtype, device=weight.device)
+    vals_p[:, :n] = weight
+    keep_s = keep_p.reshape(m, segs, SEGMENT)
+    slots = -(-keep_s.sum(-1) // ALIGN)  # each segment's values in units of ALIGN elements
+    starts = slots.reshape(-1).cumsum(0) - slots.reshape(-1)
+    total = int(slots.sum()) * ALIGN
+    if total // ALIGN >= 2**31:
+        raise ValueError("bitmap format v3 holds at most 2^33 values per weight")
+    values = torch.zeros(total + SEGMENT, dtype=weight.dtype, device=weight.device)  # + a window's read past the end
+    place = starts.reshape(m, segs, 1) * ALIGN + keep_s.cumsum(-1) - 1
+    values[place[keep_s]] = vals_p.reshape(m, segs, SEGMENT)[keep_s]
+    return PackedWeight("bitmap", (m, n), weight.dtype, {"values": values, "bitmap": _mask_words(keep_p),
+                                                          "offsets": starts.reshape(m, segs).to(torch.int32)})
 
 
 def _bits(bitmap, m, n):
-    words = bitmap.to(torch.int64) & 0xFFFFFFFF
-    bits = (words[..., None] >> torch.arange(32, device=bitmap.device)) & 1
+    shifts = torch.arange(SEGMENT, device=bitmap.device, dtype=torch.int64)
+    bits = (bitmap.to(torch.int64)[..., None] >> shifts) & 1
     return bits.reshape(bitmap.shape[0], -1)[:m, :n].bool()
 
 
 def _unpack_bitmap(p):
     m, n = p.shape
-    tr, tc = _tiles(m, n)
-    keep_p = _bits(p.tensors["bitmap"], tr * TILE_ROWS, tc * TILE_COLS)
-    tiled_keep = keep_p.reshape(tr, TILE_ROWS, tc, TILE_COLS).permute(0, 2, 1, 3).reshape(tr * tc, -1)
+    segs = _segments(n)
+    keep_s = _bits(p.tensors["bitmap"], m, segs * SEGMENT).reshape(m, segs, SEGMENT)
+    place = p.tensors["offsets"].to(torch.int64).reshape(m, segs, 1) * ALIGN + keep_s.cumsum(-1) - 1
+    dense = torch.zeros(m, segs, SEGMENT, dtype=p.dtype, device=p.device)
+    dense[keep_s] = p.tensors["values"][place[keep_s]]
+    return dense.reshape(m, segs * SEGMENT)[:, :n].contiguous()
+
+
+def _unpack_bitmap_v2(p):
+    """The dense weight of a version 1-2 bitmap: 16 x 64 tiles, int32 mask words, values packed
+    tile by tile in row-major order, one offset per tile."""
+    m, n = p.shape
+    tr, tc = -(-m // 16), -(-n // 64)
+    words = p.tensors["bitmap"].to(torch.int64) & 0xFFFFFFFF
+    keep_p = ((words[..., None] >> torch.arange(32, device=words.device)) & 1).reshape(words.shape[0], -1).bool()
+    tiled_keep = keep_p.reshape(tr, 16, tc, 64).permute(0, 2, 1, 3).reshape(tr * tc, -1)
     tiled = torch.zeros(tiled_keep.shape, dtype=p.dtype, device=p.device)
     tiled[tiled_keep] = p.tensors["values"]
-    dense = tiled.reshape(tr, tc, TILE_ROWS, TILE_COLS).permute(0, 2, 1, 3).reshape(tr * TILE_ROWS, tc * TILE_COLS)
-    return dense[:m, :n].contiguous()
+    dense = tiled.reshape(tr, tc, 16, 64).permute(0, 2, 1, 3).reshape(tr * 16, tc * 64)
+    return dense[:m, :n].contiguous(), keep_p[:m, :n]
 
 
 def upgrade(packed: PackedWeight) -> PackedWeight:
-    """The same weight in the current layout. Version 1 stored the 2:4 positions in int32 words of
-    eight groups; version 2 keeps those bytes, padded to whole 64-column words, read as int64
-    (little-endian: the first int32 word is the low half). Bitmap and masked did not change."""
+    """The same weight in the current layout (version 3).
+
+    2:4: version 1 stored the positions in int32 words of eight groups; versions 2-3 keep those
+    bytes, padded to whole 64-column words, read as int64 (little-endian: the first int32 word is
+    the low half). Bitmap: versions 1-2 packed 16 x 64 tiles (see `_unpack_bitmap_v2`); version 3
+    packs each row's 64-column segments (docs/formats.md), so an old bitmap is unpacked and packed
+    again. Masked has not changed.
+    """
     if packed.version == FORMAT_VERSION:
         return packed
-    if packed.version != 1:
-        raise ValueError(f"packed format v{packed.version}: this efx reads v1 and v{FORMAT_VERSION}")
+    if packed.version not in (1, 2):
+        raise ValueError(f"packed format v{packed.version}: this efx reads v1 to v{FORMAT_VERSION}")
     tensors = dict(packed.tensors)
-    if packed.format == "2:4":
+    if packed.format == "bitmap":
+        return pack(*_unpack_bitmap_v2(packed), format="bitmap")
+    if packed.format == "2:4" and packed.version == 1:
         meta = tensors["meta"].to(torch.int32)
         if meta.shape[1] % 2:
             meta = torch.cat([meta, torch.zeros_like(meta[:, :1])], dim=1)

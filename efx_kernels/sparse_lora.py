@@ -11,15 +11,16 @@ sparse, compute as dense"), and the LoRA product added to the accumulator before
 output write. The backward kernel computes dX the same way; the LoRA gradients are small
 GEMMs done by torch.
 
-Tile conventions: a weight tile is BLOCK_ROWS output features x 64 input features; bitmap
-tiles are 16 x 64, so bitmap kernels use BLOCK_ROWS = 16. The masked and 2:4 weight loads are
-pipelined with the activation load (cp.async into shared memory, num_stages deep); the 2:4 tile
-is read as one int64 position word and sixteen int32 value pairs per row; a group's four lanes are
-two byte permutes (PTX prmt, inline assembly) of its value pair under a selector built from its
-position bits, not one masked load per element (the interpreter computes the same permute in
-tensor arithmetic). The bitmap tile gathers
-its values with one 2-byte load per kept element, outside the pipeline (sm_90 SASS:
-benchmarks/kernel_static.py).
+Tile conventions: a weight tile is BLOCK_ROWS output features x 64 input features (one 2:4
+position word or one bitmap mask word per row). Every format's weight loads are pipelined with
+the activation load (cp.async into shared memory, num_stages deep). The 2:4 tile is read as one
+int64 position word and sixteen int32 value pairs per row; a group's four lanes are two byte
+permutes (PTX prmt, inline assembly) of its value pair under a selector built from its position
+bits, not one masked load per element. The bitmap tile is read as one int64 mask word, one offset
+and one 64-element window of packed values per row; each kept column takes its window element by
+a popcount of the mask bits before it (PTX shl + popc) and an in-warp gather. The interpreter has
+no inline assembly and computes the same bits in tensor arithmetic (EMULATE). Costs per weight,
+compiled for sm_90: benchmarks/kernel_static.py.
 
 dtypes: the kernels take fp16 and bf16 (16-bit tensor-core dots with fp32 accumulation); fp32
 runs the torch path (`_fused_dtypes`).
@@ -37,7 +38,9 @@ import torch.nn.functional as F
 
 from efx_kernels._triton import block_for_rank, tl, triton
 from efx_kernels.dispatch import interpreting, mode, use_triton
-from efx_kernels.formats import TILE_COLS, TILE_ROWS, PackedWeight
+from efx_kernels.formats import ALIGN, SEGMENT, PackedWeight
+
+assert ALIGN == 4 and SEGMENT == 64, "the bitmap decode below reads 64-column segments aligned to 4 elements"
 
 log = logging.getLogger(__name__)
 
@@ -148,7 +151,7 @@ class _FusedSparseLoRA(torch.autograd.Function):
 
 
 FORMAT_IDS = {"bitmap": 0, "2:4": 1, "masked": 2}
-BLOCK_K = TILE_COLS
+BLOCK_K = SEGMENT
 
 
 @triton.jit
@@ -163,6 +166,23 @@ def _prmt(a, selector):
         byte = tl.where((nib & 8) != 0, tl.where((byte & 0x80) != 0, 0xFF, 0), byte)
         d = d | (byte << (8 * j))
     return d
+
+
+@triton.jit
+def _popc_shifted(half, shift, EMULATE: tl.constexpr):
+    """popcount(half << shift) of int32 `half`, shift in [0, 32] (32 gives 0, as PTX's shl clamps
+    it). On the GPU one shl and one popc (inline PTX); EMULATE (the interpreter) counts the bits
+    in tensor arithmetic."""
+    if EMULATE:
+        v = tl.where(shift < 32, (half.to(tl.int64) << shift.to(tl.int64)) & 0xFFFFFFFF, 0)
+        v = v - ((v >> 1) & 0x55555555)
+        v = (v & 0x33333333) + ((v >> 2) & 0x33333333)
+        v = (v + (v >> 4)) & 0x0F0F0F0F
+        count = (((v * 0x01010101) >> 24) & 0xFF).to(tl.int32)
+    else:
+        count = tl.inline_asm_elementwise("{ .reg .b32 t; shl.b32 t, $1, $2; popc.b32 $0, t; }", "=r,r,r",
+                                          args=[half, shift], dtype=tl.int32, is_pure=True, pack=1)
+    return count
 
 
 @triton.jit
@@ -185,11 +205,12 @@ def _place_lanes(pair, selector, EMULATE: tl.constexpr):
 
 
 @triton.jit
-def _weight_tile(w0_ptr, w1_ptr, w2_ptr, row0, k0, n_rows, n_cols, stride0, stride1, tiles_per_row,
+def _weight_tile(w0_ptr, w1_ptr, w2_ptr, row0, k0, n_rows, n_cols, stride0, stride1,
                  FORMAT: tl.constexpr, BLOCK_ROWS: tl.constexpr, VALUES: tl.constexpr, EMULATE: tl.constexpr):
     """Dense (BLOCK_ROWS x 64) tile of W at rows row0.., columns k0..k0+63 (zeros outside W).
 
-    bitmap: w0 = values, w1 = bitmap words, w2 = tile offsets; 2:4: w0 = the values read as int32
+    bitmap: w0 = values, w1 = the int64 mask words, w2 = the segments' value offsets (units of
+    ALIGN elements); 2:4: w0 = the values read as int32
     pairs (one per group of four columns), w1 = the int64 position words; masked: w0 = the dense
     weight. VALUES is the weight dtype (2:4 rebuilds its elements from their bits).
     """
@@ -197,12 +218,19 @@ def _weight_tile(w0_ptr, w1_ptr, w2_ptr, row0, k0, n_rows, n_cols, stride0, stri
     cols = k0 + tl.arange(0, 64)
     ok = (rows[:, None] < n_rows) & (cols[None, :] < n_cols)
     if FORMAT == 0:
-        word = tl.load(w1_ptr + rows[:, None] * stride1 + (cols // 32)[None, :])
-        bits = (word >> (cols % 32)[None, :]) & 1
-        flat = tl.reshape(bits, (BLOCK_ROWS * 64,))
-        before = tl.reshape(tl.cumsum(flat, 0) - flat, (BLOCK_ROWS, 64))
-        start = tl.load(w2_ptr + (row0 // BLOCK_ROWS) * tiles_per_row + k0 // 64)
-        tile = tl.load(w0_ptr + start + before, mask=(bits != 0) & ok, other=0.0)
+        # per row one mask word and one offset; the segment's values read as one 64-element window
+        # from that 8-byte-aligned offset (the array is padded so the window never leaves it), and
+        # each kept column takes the window element numbered by the kept columns before it
+        in_rows = rows < n_rows
+        word = tl.load(w1_ptr + rows * stride1 + k0 // 64, mask=in_rows, other=0)
+        start = tl.load(w2_ptr + rows * stride1 + k0 // 64, mask=in_rows, other=0).to(tl.int64) * 4
+        window = tl.load(w0_ptr + tl.multiple_of(start, 4)[:, None] + tl.arange(0, 64)[None, :])
+        lo, hi = word.to(tl.int32), (word >> 32).to(tl.int32)
+        j = tl.arange(0, 64)[None, :]
+        half = tl.where(j < 32, lo[:, None], hi[:, None])
+        below = _popc_shifted(half, 32 - j % 32, EMULATE)  # kept columns of the half word before j
+        below += tl.where(j < 32, 0, _popc_shifted(lo, 0 * lo, EMULATE)[:, None])
+        tile = tl.where(((half >> (j % 32)) & 1) != 0, tl.gather(window, below, 1), 0.0)
     elif FORMAT == 1:
         # one int64 word of positions per row and 64 columns, the 16 value pairs as one vector
         groups = tl.arange(0, 16)
@@ -229,20 +257,18 @@ def _weight_tile(w0_ptr, w1_ptr, w2_ptr, row0, k0, n_rows, n_cols, stride0, stri
 
 def _tile_configs() -> list:
     """A short list (first compiles and timings cost seconds per config): token tile x weight
-    rows; bitmap configs have 16-row tiles, the others 32 to 128."""
+    rows (the 16-row tiles are dropped by `prune_tile_configs`; the interpreter runs them)."""
     tiles = [(bm, 16, 4) for bm in (16, 32, 64, 128)]
     tiles += [(16, 32, 4), (16, 64, 4), (16, 128, 4), (32, 64, 4), (64, 64, 4), (64, 128, 8), (128, 64, 8)]
     return [triton.Config({"BLOCK_M": bm, "BLOCK_ROWS": br}, num_warps=warps, num_stages=3) for bm, br, warps in tiles]
 
 
 def prune_tile_configs(configs, named_args, **kwargs) -> list:
-    """Drop configs that cannot win or cannot run: bitmap tiles are 16 rows high, and a token tile
-    larger than the bucket only computes padding. (No kept config spills registers or overflows
+    """Drop configs that cannot win: 16-row weight tiles (the narrowest MMA) and token tiles
+    larger than the bucket, which only compute padding. (No kept config spills registers or overflows
     shared memory on sm_90 at fp16/bf16: benchmarks/kernel_static.py, tests/test_kernel_static.py.)"""
     bucket = named_args.get("m_bucket", kwargs.get("m_bucket", 16))
-    bitmap = kwargs.get("FORMAT", named_args.get("FORMAT")) == FORMAT_IDS["bitmap"]
-    kept = [c for c in configs if c.kwargs["BLOCK_M"] <= max(16, bucket)
-            and (c.kwargs["BLOCK_ROWS"] == TILE_ROWS if bitmap else c.kwargs["BLOCK_ROWS"] >= 32)]
+    kept = [c for c in configs if c.kwargs["BLOCK_M"] <= max(16, bucket) and c.kwargs["BLOCK_ROWS"] >= 32]
     return kept or configs[:1]
 
 
@@ -264,7 +290,7 @@ def m_bucket(n_tokens: int) -> int:
 @_autotuned
 @triton.jit
 def _forward_kernel(y_ptr, x_ptr, w0_ptr, w1_ptr, w2_ptr, xa_ptr, b_ptr, bias_ptr, n_tokens, n_out, n_in, rank,
-                    m_bucket, stride_y, stride_x, stride0, stride1, tiles_per_row, stride_xa, stride_b,
+                    m_bucket, stride_y, stride_x, stride0, stride1, stride_xa, stride_b,
                     FORMAT: tl.constexpr, HAS_LORA: tl.constexpr, HAS_BIAS: tl.constexpr, VALUES: tl.constexpr,
                     EMULATE: tl.constexpr,
                     BLOCK_M: tl.constexpr, BLOCK_ROWS: tl.constexpr, BLOCK_R: tl.constexpr):
@@ -276,7 +302,7 @@ def _forward_kernel(y_ptr, x_ptr, w0_ptr, w1_ptr, w2_ptr, xa_ptr, b_ptr, bias_pt
         x = tl.load(x_ptr + tokens[:, None] * stride_x + cols[None, :],
                     mask=(tokens[:, None] < n_tokens) & (cols[None, :] < n_in), other=0.0)
         w = _weight_tile(w0_ptr, w1_ptr, w2_ptr, tl.program_id(1) * BLOCK_ROWS, k0, n_out, n_in, stride0, stride1,
-                         tiles_per_row, FORMAT, BLOCK_ROWS, VALUES, EMULATE)
+                         FORMAT, BLOCK_ROWS, VALUES, EMULATE)
         acc += tl.dot(x, tl.trans(w.to(x.dtype)))
     if HAS_LORA:
         ranks = tl.arange(0, BLOCK_R)
@@ -294,7 +320,7 @@ def _forward_kernel(y_ptr, x_ptr, w0_ptr, w1_ptr, w2_ptr, xa_ptr, b_ptr, bias_pt
 @_autotuned
 @triton.jit
 def _grad_input_kernel(dx_ptr, dy_ptr, w0_ptr, w1_ptr, w2_ptr, dyb_ptr, a_ptr, n_tokens, n_out, n_in, rank,
-                       m_bucket, stride_dx, stride_dy, stride0, stride1, tiles_per_row, stride_dyb, stride_a,
+                       m_bucket, stride_dx, stride_dy, stride0, stride1, stride_dyb, stride_a,
                        FORMAT: tl.constexpr, HAS_LORA: tl.constexpr, VALUES: tl.constexpr, EMULATE: tl.constexpr,
                        BLOCK_M: tl.constexpr, BLOCK_ROWS: tl.constexpr, BLOCK_R: tl.constexpr):
     """dX[:, k0:k0+64] = dY @ W[:, k0:k0+64] + (s dY B) @ A[:, k0:k0+64]."""
@@ -306,8 +332,8 @@ def _grad_input_kernel(dx_ptr, dy_ptr, w0_ptr, w1_ptr, w2_ptr, dyb_ptr, a_ptr, n
         rows = r0 + tl.arange(0, BLOCK_ROWS)
         dy = tl.load(dy_ptr + tokens[:, None] * stride_dy + rows[None, :],
                      mask=(tokens[:, None] < n_tokens) & (rows[None, :] < n_out), other=0.0)
-        w = _weight_tile(w0_ptr, w1_ptr, w2_ptr, r0, k0, n_out, n_in, stride0, stride1, tiles_per_row, FORMAT,
-                         BLOCK_ROWS, VALUES, EMULATE)
+        w = _weight_tile(w0_ptr, w1_ptr, w2_ptr, r0, k0, n_out, n_in, stride0, stride1, FORMAT, BLOCK_ROWS,
+                         VALUES, EMULATE)
         acc += tl.dot(dy, w.to(dy.dtype))
     if HAS_LORA:
         ranks = tl.arange(0, BLOCK_R)
@@ -323,14 +349,14 @@ def _grad_input_kernel(dx_ptr, dy_ptr, w0_ptr, w1_ptr, w2_ptr, dyb_ptr, a_ptr, n
 def _weight_args(packed: PackedWeight):
     t = packed.tensors
     if packed.format == "bitmap":
-        return t["values"], t["bitmap"], t["offsets"], 0, t["bitmap"].stride(0), -(-packed.shape[1] // TILE_COLS)
+        return t["values"], t["bitmap"], t["offsets"], 0, t["bitmap"].stride(0)
     if packed.format == "2:4":
         pairs = t["values"].view(torch.int32)
-        return pairs, t["meta"], t["meta"], pairs.stride(0), t["meta"].stride(0), 0
-    return t["weight"], t["weight"], t["weight"], t["weight"].stride(0), 0, 0
+        return pairs, t["meta"], t["meta"], pairs.stride(0), t["meta"].stride(0)
+    return t["weight"], t["weight"], t["weight"], t["weight"].stride(0), 0
 
 
-INTERPRETER_TILE = {"BLOCK_M": 16, "BLOCK_ROWS": TILE_ROWS}
+INTERPRETER_TILE = {"BLOCK_M": 16, "BLOCK_ROWS": 16}
 
 
 def _launch(kernel, packed: PackedWeight, tiles: dict | None):
@@ -339,8 +365,6 @@ def _launch(kernel, packed: PackedWeight, tiles: dict | None):
     benchmark times each config), and with 16 x 16 tiles under the interpreter otherwise
     (autotuning times launches on a device, which the interpreter does not have)."""
     if tiles is not None:
-        if packed.format == "bitmap" and tiles["BLOCK_ROWS"] != TILE_ROWS:
-            raise ValueError(f"bitmap tiles are {TILE_ROWS} rows high, got BLOCK_ROWS={tiles['BLOCK_ROWS']}")
         return kernel.fn, dict(tiles)
     if interpreting():
         return kernel.fn, dict(INTERPRETER_TILE)
@@ -357,13 +381,13 @@ def fused_forward(x2d: torch.Tensor, packed: PackedWeight, xa: torch.Tensor | No
     n_tokens, n_in = x2d.shape
     n_out = packed.shape[0]
     y = torch.empty((n_tokens, n_out), dtype=x2d.dtype, device=x2d.device)
-    w0, w1, w2, s0, s1, tiles_per_row = _weight_args(packed)
+    w0, w1, w2, s0, s1 = _weight_args(packed)
     rank = 0 if xa is None else xa.shape[1]
     kernel, tiles_kw = _launch(_forward_kernel, packed, tiles)
     grid = lambda meta: (triton.cdiv(n_tokens, meta["BLOCK_M"]), triton.cdiv(n_out, meta["BLOCK_ROWS"]))  # noqa: E731
     kernel[grid](y, x2d, w0, w1, w2, xa if xa is not None else x2d, B if B is not None else x2d,
                  bias if bias is not None else x2d, n_tokens, n_out, n_in, rank, m_bucket(n_tokens), y.stride(0),
-                 x2d.stride(0), s0, s1, tiles_per_row, xa.stride(0) if xa is not None else 0,
+                 x2d.stride(0), s0, s1, xa.stride(0) if xa is not None else 0,
                  B.stride(0) if B is not None else 0, FORMAT=FORMAT_IDS[packed.format], HAS_LORA=xa is not None,
                  HAS_BIAS=bias is not None, VALUES=TRITON_DTYPES[packed.dtype], EMULATE=interpreting(),
                  BLOCK_R=block_for_rank(rank), **tiles_kw)
@@ -376,12 +400,12 @@ def fused_grad_input(dy: torch.Tensor, packed: PackedWeight, dyb: torch.Tensor |
     n_tokens, n_out = dy.shape
     n_in = packed.shape[1]
     dx = torch.empty((n_tokens, n_in), dtype=dy.dtype, device=dy.device)
-    w0, w1, w2, s0, s1, tiles_per_row = _weight_args(packed)
+    w0, w1, w2, s0, s1 = _weight_args(packed)
     rank = 0 if dyb is None else dyb.shape[1]
     kernel, tiles_kw = _launch(_grad_input_kernel, packed, tiles)
     grid = lambda meta: (triton.cdiv(n_tokens, meta["BLOCK_M"]), triton.cdiv(n_in, 64))  # noqa: E731
     kernel[grid](dx, dy, w0, w1, w2, dyb if dyb is not None else dy, A if A is not None else dy, n_tokens, n_out,
-                 n_in, rank, m_bucket(n_tokens), dx.stride(0), dy.stride(0), s0, s1, tiles_per_row,
+                 n_in, rank, m_bucket(n_tokens), dx.stride(0), dy.stride(0), s0, s1,
                  dyb.stride(0) if dyb is not None else 0, A.stride(0) if A is not None else 0,
                  FORMAT=FORMAT_IDS[packed.format], HAS_LORA=dyb is not None, VALUES=TRITON_DTYPES[packed.dtype],
                  EMULATE=interpreting(), BLOCK_R=block_for_rank(rank), **tiles_kw)

@@ -57,11 +57,12 @@ def test_negative_zero_and_signs_survive():
 def test_byte_ratios_match_the_ideal():
     w, keep = two_four(256, 512, torch.bfloat16)
     assert pack(w, keep, "2:4").byte_ratio == pytest.approx(0.5625)
-    w, keep = masked_weight(256, 512, 0.5, torch.bfloat16)
-    ratio = pack(w, keep, "bitmap").byte_ratio
-    assert ratio == pytest.approx(0.5625, abs=0.01)
-    w, keep = masked_weight(256, 512, 0.4, torch.bfloat16)
-    assert pack(w, keep, "bitmap").byte_ratio == pytest.approx(0.6625, abs=0.01)
+    # bitmap: kept values + 1/16 (mask bits) + 1/32 (an int32 offset per 64 columns) + the padding
+    # of each segment to 4 values (1.5 on average: 3/128), docs/formats.md
+    for sparsity in (0.5, 0.4):
+        w, keep = masked_weight(256, 512, sparsity, torch.bfloat16)
+        ideal = (1 - sparsity) + 1 / 16 + 1 / 32 + 3 / 128
+        assert pack(w, keep, "bitmap").byte_ratio == pytest.approx(ideal, abs=0.01)
 
 
 def test_bad_input_is_named():
@@ -104,5 +105,60 @@ def test_version_1_two_four_weights_are_upgraded(n, v1_words):
     new = upgrade(old)
     assert new.version == FORMAT_VERSION and torch.equal(new.unpack(), w)
     bad = PackedWeight("2:4", current.shape, current.dtype, current.tensors, FORMAT_VERSION + 1)
-    with pytest.raises(ValueError, match="reads v1 and v2"):
+    with pytest.raises(ValueError, match="reads v1 to v3"):
         upgrade(bad)
+
+
+def test_bitmap_layout_one_word_and_one_aligned_offset_per_row_and_64_columns():
+    m, n = 3, 130  # three segments per row, the last one of 2 columns
+    w, keep = masked_weight(m, n, 0.5, torch.float16, seed=3)
+    keep[1, :64] = True  # a full segment
+    w = torch.randn(m, n).half() * keep
+    packed = pack(w, keep, "bitmap")
+    words, offsets, values = (packed.tensors[k] for k in ("bitmap", "offsets", "values"))
+    assert words.dtype == torch.int64 and tuple(words.shape) == (m, 3) and tuple(offsets.shape) == (m, 3)
+    counts = keep.reshape(-1).new_zeros(m, 3 * 64)
+    counts[:, :n] = keep
+    counts = counts.reshape(m, 3, 64).sum(-1)
+    slots = (counts + 3) // 4
+    assert torch.equal(offsets.reshape(-1).long(), slots.reshape(-1).cumsum(0) - slots.reshape(-1))
+    assert values.numel() == 4 * int(slots.sum()) + 64  # a 64-value window read from any offset stays inside
+    for i in range(m):
+        for s in range(3):
+            cols = s * 64 + torch.nonzero(keep[i, s * 64:(s + 1) * 64]).flatten()
+            bits = sum(1 << int(c - s * 64) for c in cols)
+            assert int(words[i, s]) & (2**64 - 1) == bits
+            start = 4 * int(offsets[i, s])
+            assert torch.equal(values[start:start + len(cols)], w[i, cols])
+
+
+def v2_bitmap(w, keep):
+    """A weight in the bitmap layout of format versions 1-2 (16 x 64 tiles, docs/formats.md history)."""
+    from efx_kernels.formats import PackedWeight
+    m, n = w.shape
+    tr, tc = -(-m // 16), -(-n // 64)
+    keep_p = torch.zeros(tr * 16, tc * 64, dtype=torch.bool)
+    keep_p[:m, :n] = keep
+    w_p = torch.zeros(tr * 16, tc * 64, dtype=w.dtype)
+    w_p[:m, :n] = w
+    values, offsets, count = [], [0], 0
+    for t_row in range(tr):
+        for t_col in range(tc):
+            tile_keep = keep_p[16 * t_row:16 * t_row + 16, 64 * t_col:64 * t_col + 64]
+            values.append(w_p[16 * t_row:16 * t_row + 16, 64 * t_col:64 * t_col + 64][tile_keep])
+            count += int(tile_keep.sum())
+            offsets.append(count)
+    bits = keep_p.reshape(tr * 16, tc * 2, 32).long() << torch.arange(32)
+    words = bits.sum(-1)
+    words = torch.where(words >= 2**31, words - 2**32, words).int()
+    return PackedWeight("bitmap", (m, n), w.dtype, {"values": torch.cat(values), "bitmap": words,
+                                                     "offsets": torch.tensor(offsets, dtype=torch.int32)}, 2)
+
+
+@pytest.mark.parametrize("shape", [(17, 70), (40, 129), (16, 64)])
+def test_version_2_bitmap_weights_are_upgraded(shape):
+    from efx_kernels.formats import FORMAT_VERSION, upgrade
+    w, keep = masked_weight(*shape, 0.45, torch.bfloat16)
+    new = upgrade(v2_bitmap(w, keep))
+    assert new.version == FORMAT_VERSION and new.tensors["bitmap"].dtype == torch.int64
+    assert torch.equal(new.unpack(), w) and torch.equal(new.keep_mask(), keep)

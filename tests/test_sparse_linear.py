@@ -130,5 +130,6 @@ def test_a_version_1_two_four_checkpoint_loads_with_the_same_logits(tmp_path):
     loaded, _ = load_sparse(tmp_path / "v2")
     with torch.no_grad():
         torch.testing.assert_close(loaded(ids).logits, want)
-    assert all(m.packed.version == 2 and m.packed.tensors["meta"].dtype == torch.int64
+    from efx_kernels.formats import FORMAT_VERSION
+    assert all(m.packed.version == FORMAT_VERSION and m.packed.tensors["meta"].dtype == torch.int64
                for m in loaded.modules() if isinstance(m, SparseLoRALinear))
