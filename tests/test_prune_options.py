@@ -78,6 +78,20 @@ def test_pbs_options_keep_the_mask_and_change_the_merge(option):
         assert output_error(original, with_pbs, calib) <= output_error(original, without, calib) * (1 + 1e-6)
 
 
+@pytest.mark.parametrize("pattern", ["unstructured", "2:4"])
+def test_reconstruct_keeps_the_foresight_mask_and_lowers_the_output_error(pattern):
+    """The OBS update under ForeSight's mask: the same zeros as ForeSight alone (block 0's q is
+    scored before any update reaches it), and a smaller output error on the calibration inputs."""
+    calib = padded_calib()
+    original = lora_model()
+    rebuilt, plain = copy.deepcopy(original), copy.deepcopy(original)
+    prune(rebuilt, calib, PruneConfig(sparsity=0.5, pattern=pattern, reconstruct=True))
+    prune(plain, calib, PruneConfig(method="foresight", sparsity=0.5, pattern=pattern))
+    a, b = weights(rebuilt), weights(plain)
+    assert torch.equal(a[Q0] == 0, b[Q0] == 0) and adapters_reset(rebuilt)
+    assert output_error(original, rebuilt, calib) < 0.9 * output_error(original, plain, calib)
+
+
 def test_pbs_max_pruned_per_row_differs_from_full_pbs():
     calib = padded_calib()
     limited, full = lora_model(), lora_model()
@@ -143,6 +157,8 @@ def test_the_mask_preserving_merge_leaves_positive_zeros():
     (dict(pbs_keep_weight=-0.1), r"outside \[0, 1\]"),
     (dict(pbs_max_pruned_per_row=0), "pbs_max_pruned_per_row"),
     (dict(calib_batch_size=0), "calib_batch_size"),
+    (dict(method="wanda", reconstruct=True), "reconstruct updates the weights kept by a ForeSight mask"),
+    (dict(reconstruct=True, pbs=True), "choose one"),
 ])
 def test_unsupported_settings_are_refused_before_any_change(settings, message):
     model = lora_model()

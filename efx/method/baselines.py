@@ -19,7 +19,8 @@ def wanda_score(U: torch.Tensor, act_sq: torch.Tensor, tokens: int) -> torch.Ten
 
 @torch.no_grad()
 def sparsegpt(W: torch.Tensor, hessian: torch.Tensor, sparsity: float, pattern: str = "unstructured",
-              block_size: int = 128, damp: float = 0.01) -> tuple[torch.Tensor, torch.Tensor]:
+              block_size: int = 128, damp: float = 0.01, keep: torch.Tensor | None = None
+              ) -> tuple[torch.Tensor, torch.Tensor]:
     """SparseGPT (Frantar & Alistarh, 2023): prune columns left to right in blocks, choosing the
     mask by w^2 / [H^-1]_jj^2 and spreading each pruned weight's error over the not yet visited
     columns through the Cholesky factor of H^-1.
@@ -28,6 +29,8 @@ def sparsegpt(W: torch.Tensor, hessian: torch.Tensor, sparsity: float, pattern: 
         W: (m, n) weight (not modified). hessian: (n, n) E[x x^T] (any positive scale).
         sparsity: fraction pruned per block of columns (unstructured); ignored for N:M.
         block_size: columns per lazy-update block (128). damp: dampening, fraction of mean diag(H).
+        keep: a fixed keep-mask (bool, W's shape) instead of SparseGPT's own choice: only the
+            reconstruction runs (the OBS update of the kept weights under that mask).
     Returns:
         (new weight in W's dtype with exact zeros, keep-mask bool).
     """
@@ -40,7 +43,7 @@ def sparsegpt(W: torch.Tensor, hessian: torch.Tensor, sparsity: float, pattern: 
     W1[:, dead] = 0.0
     H += damp * H.diagonal().mean() * torch.eye(n, device=H.device)
     h_inv = torch.linalg.cholesky(torch.cholesky_inverse(torch.linalg.cholesky(H.double())), upper=True).float()
-    keep = torch.ones_like(W1, dtype=torch.bool)
+    kept = torch.ones_like(W1, dtype=torch.bool)
     for start in range(0, n, block_size):
         end = min(start + block_size, n)
         block = W1[:, start:end].clone()
@@ -48,20 +51,22 @@ def sparsegpt(W: torch.Tensor, hessian: torch.Tensor, sparsity: float, pattern: 
         d = h_block.diagonal()
         errors = torch.zeros_like(block)
         block_keep = torch.ones_like(block, dtype=torch.bool)
-        if nm is None:
+        if keep is not None:
+            block_keep = keep[:, start:end]
+        elif nm is None:
             block_keep = select_keep_mask(block.pow(2) / d.pow(2)[None, :], sparsity, granularity="matrix")
         for i in range(end - start):
-            if nm is not None and i % nm[1] == 0:
+            if keep is None and nm is not None and i % nm[1] == 0:
                 group = block[:, i:i + nm[1]].pow(2) / d[i:i + nm[1]].pow(2)[None, :]
                 block_keep[:, i:i + nm[1]] = select_keep_mask(group, 0.0, pattern)
             column = block[:, i]
-            kept = torch.where(block_keep[:, i], column, torch.zeros_like(column))
-            err = (column - kept) / d[i]
+            kept_column = torch.where(block_keep[:, i], column, torch.zeros_like(column))
+            err = (column - kept_column) / d[i]
             block[:, i:] -= err[:, None] * h_block[i, i:][None, :]
-            block[:, i] = kept
+            block[:, i] = kept_column
             errors[:, i] = err
         W1[:, start:end] = block
-        keep[:, start:end] = block_keep
+        kept[:, start:end] = block_keep
         W1[:, end:] -= errors @ h_inv[start:end, end:]
-    W1[~keep] = 0.0
-    return W1.to(W.dtype), keep
+    W1[~kept] = 0.0
+    return W1.to(W.dtype), kept

@@ -52,6 +52,10 @@ class PruneConfig:
     """Limit PBS to the c largest pruned weights of each row."""
     pbs_hessian: bool = False
     """Use Hessian PBS (full E[x x^T]) instead of the diagonal objective."""
+    reconstruct: bool = False
+    """ForeSight methods: after the mask is chosen, update the kept weights of what is pruned (the
+    merged W + s*B@A, or W alone without a merge) by SparseGPT's OBS solve under that mask, instead
+    of PBS. Needs E[x x^T] (a calibration pass)."""
     mask_lr: float = 0.5
     """eta of the score memory S_t = eta*I_t + (1-eta)*S_{t-1}."""
     use_memory: bool = True
@@ -74,12 +78,13 @@ class PruneConfig:
 
     @property
     def run_pbs(self) -> bool:
-        return self.merge and (self.method == "efficientxpert" if self.pbs is None else self.pbs)
+        default = self.method == "efficientxpert" and not self.reconstruct
+        return self.merge and (default if self.pbs is None else self.pbs)
 
     @property
     def needs_hessian(self) -> bool:
-        """True when the call needs E[x x^T] (SparseGPT, Hessian PBS)."""
-        return self.method == "sparsegpt" or (self.run_pbs and self.pbs_hessian)
+        """True when the call needs E[x x^T] (SparseGPT, Hessian PBS, the reconstruction)."""
+        return self.method == "sparsegpt" or self.reconstruct or (self.run_pbs and self.pbs_hessian)
 
     def validate(self) -> None:
         """Raise ValueError naming the first bad setting."""
@@ -109,6 +114,11 @@ class PruneConfig:
             raise ValueError(f"calib_batch_size {self.calib_batch_size} must be positive")
         if not self.merge and self.pbs:
             raise ValueError("merge=False keeps the adapter unmerged; PBS prepares a merge (set pbs=False)")
+        if self.reconstruct and self.method not in FORESIGHT_METHODS:
+            raise ValueError(f"reconstruct updates the weights kept by a ForeSight mask; method {self.method!r} "
+                             "(sparsegpt reconstructs by itself)")
+        if self.reconstruct and self.pbs:
+            raise ValueError("reconstruct and pbs both update what a merge keeps; choose one")
 
     @property
     def effective_sparsity(self) -> float:
@@ -353,6 +363,9 @@ def _prune_module(call: _Call, block: BlockMap, role: str, stats: ModuleStats) -
         keep = select_keep_mask(score, sparsity, config.pattern)
         del U, score
 
+    if config.reconstruct:  # the OBS update of the kept weights under the ForeSight mask
+        merged, _ = baselines.sparsegpt(efx_kernels.effective_weight(weight, A, B, scale), stats.hessian, sparsity,
+                                        config.pattern, config.sparsegpt_block, config.sparsegpt_damp, keep=keep)
     if merged is None:
         if parts is not None and config.run_pbs:
             B = _pbs_update(weight, A, B, scale, keep, stats, config)
