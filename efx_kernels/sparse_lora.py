@@ -15,8 +15,8 @@ Tile conventions: a weight tile is BLOCK_ROWS output features x 64 input feature
 position word or one bitmap mask word per row). Every format's weight loads are pipelined with
 the activation load (cp.async into shared memory, num_stages deep). The 2:4 tile is read as one
 int64 position word and sixteen int32 value pairs per row; a group's four lanes are two byte
-permutes (PTX prmt, inline assembly) of its value pair under a selector built from its position
-bits, not one masked load per element. The bitmap tile is read as one int64 mask word, one offset
+permutes (PTX prmt, inline assembly) of its value pair under a selector looked up by its position
+nibble in a 16-entry table, not one masked load per element. The bitmap tile is read as one int64 mask word, one offset
 and one 64-element window of packed values per row; each kept column takes its window element by
 a popcount of the mask bits before it (PTX shl + popc) and an in-warp gather. The interpreter has
 no inline assembly and computes the same bits in tensor arithmetic (EMULATE). Costs per weight,
@@ -191,17 +191,12 @@ def _place_lanes(pair, selector, EMULATE: tl.constexpr):
     2-3 = prmt(pair, 0, selector >> 16). On the GPU two prmt instructions (inline PTX); EMULATE
     (the interpreter) computes the same bits with _prmt."""
     if EMULATE:
-        low = _prmt(pair, selector)
-        high = _prmt(pair, selector >> 16)
-        l0, l1 = low.to(tl.int16), (low >> 16).to(tl.int16)
-        l2, l3 = high.to(tl.int16), (high >> 16).to(tl.int16)
-    else:
-        l0, l1, l2, l3 = tl.inline_asm_elementwise(
-            "{ .reg .b32 lo, hi, s; prmt.b32 lo, $4, 0, $5; shr.b32 s, $5, 16; prmt.b32 hi, $4, 0, s; "
-            "mov.b32 {$0, $1}, lo; mov.b32 {$2, $3}, hi; }",
-            "=h,=h,=h,=h,r,r", args=[pair, selector], dtype=(tl.int16, tl.int16, tl.int16, tl.int16),
-            is_pure=True, pack=1)
-    return l0, l1, l2, l3
+        low, high = _prmt(pair, selector), _prmt(pair, selector >> 16)
+    else:  # two 32-bit results: the tile's stores take them as they are (no repacking moves)
+        low, high = tl.inline_asm_elementwise(
+            "{ .reg .b32 s; prmt.b32 $0, $2, 0, $3; shr.b32 s, $3, 16; prmt.b32 $1, $2, 0, s; }",
+            "=r,=r,r,r", args=[pair, selector], dtype=(tl.int32, tl.int32), is_pure=True, pack=1)
+    return low.to(tl.int16), (low >> 16).to(tl.int16), high.to(tl.int16), (high >> 16).to(tl.int16)
 
 
 @triton.jit
@@ -210,9 +205,9 @@ def _weight_tile(w0_ptr, w1_ptr, w2_ptr, row0, k0, n_rows, n_cols, stride0, stri
     """Dense (BLOCK_ROWS x 64) tile of W at rows row0.., columns k0..k0+63 (zeros outside W).
 
     bitmap: w0 = values, w1 = the int64 mask words, w2 = the segments' value offsets (units of
-    ALIGN elements); 2:4: w0 = the values read as int32
-    pairs (one per group of four columns), w1 = the int64 position words; masked: w0 = the dense
-    weight. VALUES is the weight dtype (2:4 rebuilds its elements from their bits).
+    ALIGN elements); 2:4: w0 = the values read as int32 pairs (one per group of four columns),
+    w1 = the int64 position words, w2 = the 16 prmt selectors (`selector_table`); masked: w0 =
+    the dense weight. VALUES is the weight dtype (2:4 rebuilds its elements from their bits).
     """
     rows = row0 + tl.arange(0, BLOCK_ROWS)
     cols = k0 + tl.arange(0, 64)
@@ -239,11 +234,8 @@ def _weight_tile(w0_ptr, w1_ptr, w2_ptr, row0, k0, n_rows, n_cols, stride0, stri
         nibble = (word[:, None] >> (groups * 4).to(tl.int64)[None, :]).to(tl.int32)
         pair = tl.load(w0_ptr + rows[:, None] * stride0 + (k0 // 4 + groups)[None, :],
                        mask=in_rows[:, None] & ((k0 // 4 + groups) < n_cols // 4)[None, :], other=0)
-        # a byte-permute selector per group: byte j of `selector` names the source of lane j
-        # (0x10: the first value's two bytes, 0x32: the second's, 0x44: zero), so lane p0 takes
-        # the first value and lane p1 the second; one prmt per pair of lanes places them
-        one = tl.full(nibble.shape, 1, tl.int32)
-        selector = ((one * 0x54) << ((nibble << 3) & 0x18)) ^ ((one * 0x76) << ((nibble << 1) & 0x18)) ^ 0x44444444
+        # a group's byte-permute selector, looked up by its position nibble (selector_table)
+        selector = tl.load(w2_ptr + (nibble & 0xF))
         l0, l1, l2, l3 = _place_lanes(pair, selector, EMULATE)
         l0 = l0.to(VALUES, bitcast=True)
         l1 = l1.to(VALUES, bitcast=True)
@@ -346,13 +338,30 @@ def _grad_input_kernel(dx_ptr, dy_ptr, w0_ptr, w1_ptr, w2_ptr, dyb_ptr, a_ptr, n
              mask=(tokens[:, None] < n_tokens) & (cols[None, :] < n_in))
 
 
+_SELECTORS: dict = {}
+
+
+def selector_table(device) -> torch.Tensor:
+    """The 16 prmt selectors of a 2:4 group, int32, indexed by its position nibble p0 | p1 << 2:
+    byte j names the source of lane j's low or high byte half (0x10: the first value's two bytes,
+    0x32: the second's, 0x44: a zero byte), `0x44444444 ^ 0x54 << 8*p0 ^ 0x76 << 8*p1`, so lane p0
+    takes the first value and lane p1 the second; lanes 0-1 use the low 16 bits, lanes 2-3 the
+    high. One 64-byte table per device, read through L1 by every group."""
+    key = str(device)
+    if key not in _SELECTORS:
+        words = [0x44444444 ^ (0x54 << 8 * (nib & 3)) ^ (0x76 << 8 * (nib >> 2)) for nib in range(16)]
+        _SELECTORS[key] = torch.tensor([w - (1 << 32) if w >= 1 << 31 else w for w in words], dtype=torch.int32,
+                                       device=device)
+    return _SELECTORS[key]
+
+
 def _weight_args(packed: PackedWeight):
     t = packed.tensors
     if packed.format == "bitmap":
         return t["values"], t["bitmap"], t["offsets"], 0, t["bitmap"].stride(0)
     if packed.format == "2:4":
         pairs = t["values"].view(torch.int32)
-        return pairs, t["meta"], t["meta"], pairs.stride(0), t["meta"].stride(0)
+        return pairs, t["meta"], selector_table(pairs.device), pairs.stride(0), t["meta"].stride(0)
     return t["weight"], t["weight"], t["weight"], t["weight"].stride(0), 0
 
 
