@@ -133,3 +133,37 @@ def test_a_version_1_two_four_checkpoint_loads_with_the_same_logits(tmp_path):
     from efx_kernels.formats import FORMAT_VERSION
     assert all(m.packed.version == FORMAT_VERSION and m.packed.tensors["meta"].dtype == torch.int64
                for m in loaded.modules() if isinstance(m, SparseLoRALinear))
+
+
+def test_a_version_2_bitmap_checkpoint_loads_with_the_same_logits(tmp_path):
+    import json
+    from safetensors.torch import load_file, save_file
+    from efx.model.checkpoint import MANIFEST, WEIGHTS
+    from efx.model.sparse_linear import BUFFER_PREFIX
+    from efx_kernels.formats import FORMAT_VERSION
+    from test_formats import v2_bitmap
+    model = pruned_model()
+    to_sparse_lora(model, format="bitmap", rank=0)
+    ids = torch.randint(0, 96, (2, 10))
+    model.eval()
+    with torch.no_grad():
+        want = model(ids).logits
+    folder = save_sparse(model, tmp_path / "ckpt")
+    # rewrite every packed weight as v2 stored it: 16 x 64 tiles, int32 words, one offset per tile
+    tensors = load_file(str(folder / WEIGHTS))
+    for name, module in model.named_modules():
+        if isinstance(module, SparseLoRALinear):
+            old = v2_bitmap(module.packed.unpack(), module.packed.keep_mask())
+            for key, value in old.tensors.items():
+                tensors[f"{name}.{BUFFER_PREFIX}{key}"] = value
+    save_file(tensors, str(folder / WEIGHTS), metadata={"format": "pt"})
+    manifest = json.loads((folder / MANIFEST).read_text())
+    manifest["format_version"] = 2
+    for cfg in manifest["modules"].values():
+        cfg["version"] = 2
+    (folder / MANIFEST).write_text(json.dumps(manifest))
+    loaded, _ = load_sparse(folder)
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(ids).logits, want)
+    assert all(m.packed.version == FORMAT_VERSION and m.packed.tensors["bitmap"].dtype == torch.int64
+               for m in loaded.modules() if isinstance(m, SparseLoRALinear))
