@@ -50,13 +50,11 @@ METHODS = {
     # the same, ending with the base pruned and the adapter kept unmerged (efx run --keep-adapter)
     "efficientxpert-efx-trainstats-last4-keep-adapter": ({"method": "efficientxpert", "preset": "efx"}, "inside",
                                                          {"statistics": "training", "keep_adapter": True}),
-    # gradual: the base pruned on a cubic ramp from step 10 to 40 of 60, one adapter kept throughout
+    # gradual: the base pruned on a cubic ramp from step 10 to 40 of 60, one adapter kept throughout, on
+    # training statistics (efx run's default before the rebuild at every call; the default is that ramp
+    # with calibration statistics and PruneConfig.reconstruct)
     "efficientxpert-efx-ramp": ({"method": "efficientxpert", "preset": "efx"}, "inside",
                                 {"statistics": "training", "schedule": "ramp", "every_steps": 10}),
-    # the same ramp with the kept weights rebuilt at every call (OBS under the ForeSight mask, a
-    # calibration pass for E[x x^T] per call)
-    "efficientxpert-efx-ramp-reconstruct": ({"method": "efficientxpert", "preset": "efx", "reconstruct": True},
-                                            "inside", {"statistics": "calibration", "schedule": "ramp"}),
     "efficientxpert-efx": ({"method": "efficientxpert", "preset": "efx"}, "inside"),
     "efficientxpert-paper": ({"method": "efficientxpert", "preset": "paper"}, "inside"),
     "foresight": ({"method": "foresight", "preset": "efx"}, "inside"),

@@ -38,9 +38,9 @@ def test_run_writes_expert_report_and_plots(tiny_setup, capsys):
     assert [c["when"] for c in report["prune_calls"]] == ["step 1", "step 2", "train end"]
     assert report["schedule"] == "ramp" and report["packed"]["format"] == "bitmap"
     assert "The base pruned on a cubic ramp" in (out / "report.md").read_text()
-    assert report["statistics"] == "training"  # "auto" for efficientxpert
-    assert report["record_steps"] == 1  # --calib 4 sequences at --batch-size 4
-    assert "recorded during the training forwards, the last 1 optimizer step before each call" in (out / "report.md").read_text()
+    # "auto" on the ramp: a calibration pass per call, and each call rebuilds the kept weights
+    assert report["statistics"] == "calibration" and report["reconstruct"] and report["record_steps"] is None
+    assert "Each call rebuilt the kept weights" in (out / "report.md").read_text()
     for name in ("report.md", "score_per_task.png", "sparsity_per_layer.png", "expert/config.json",
                  "expert_packed/efx_sparse.json"):
         assert (out / name).is_file(), name
@@ -58,6 +58,13 @@ def test_run_writes_expert_report_and_plots(tiny_setup, capsys):
     assert main(["eval", "--model", str(out / "expert"), "--domain", args[4], "--output",
                  str(tmp_path / "eval.json")]) == 0
     assert "quiz" in json.loads((tmp_path / "eval.json").read_text())["tasks"]
+    # statistics recorded during training: no calibration pass, no rebuild
+    assert main(args + ["--output", str(tmp_path / "recorded"), "--statistics", "training"]) == 0
+    recorded = json.loads((tmp_path / "recorded" / "report.json").read_text())
+    assert recorded["statistics"] == "training" and not recorded["reconstruct"]
+    assert recorded["record_steps"] == 1  # --calib 4 sequences at --batch-size 4
+    assert "recorded during the training forwards, the last 1 optimizer step before each call" in \
+        (tmp_path / "recorded" / "report.md").read_text()
 
 
 @pytest.mark.parametrize("extra, message", [
@@ -80,15 +87,20 @@ def test_bad_options_fail_before_any_work(tiny_setup, extra, message, capsys):
 
 def test_auto_statistics_resolve_per_method():
     from efx.cli.run import RunSettings
-    assert RunSettings().callback_statistics == "training"
-    assert RunSettings(method="foresight").callback_statistics == "training"
-    assert RunSettings(method="wanda").callback_statistics == "calibration"
-    assert RunSettings(statistics="calibration").callback_statistics == "calibration"
+    # the ramp: a calibration pass per call and the kept weights rebuilt; elsewhere training statistics
+    assert RunSettings().callback_statistics == "calibration" and RunSettings().prune_config().reconstruct
+    assert RunSettings(method="foresight").callback_statistics == "calibration"
+    assert RunSettings(preset="paper").callback_statistics == "training"
+    assert not RunSettings(preset="paper").prune_config().reconstruct
+    assert RunSettings(fsdp=True).callback_statistics == "training" and not RunSettings(fsdp=True).reconstruct
+    assert RunSettings(method="wanda").callback_statistics == "calibration" and not RunSettings(method="wanda").reconstruct
+    assert RunSettings(statistics="training").callback_statistics == "training"
+    assert not RunSettings(statistics="training").prune_config().reconstruct
 
 
 def test_the_efx_preset_prunes_on_the_ramp_and_the_paper_preset_per_epoch():
     from efx.cli.run import RunSettings
-    assert RunSettings().callback_kwargs() == {"statistics": "training", "schedule": "ramp", "reset_optimizer": False}
+    assert RunSettings().callback_kwargs() == {"statistics": "calibration", "schedule": "ramp", "reset_optimizer": False}
     assert RunSettings(preset="paper").callback_schedule == "epoch"  # the authors' schedule
     assert RunSettings(pattern="2:4").callback_schedule == "epoch"  # an N:M pattern has no ramp
     RunSettings(preset="paper", reset_optimizer=True).validate()  # the epoch schedule re-initializes the adapter
@@ -96,10 +108,10 @@ def test_the_efx_preset_prunes_on_the_ramp_and_the_paper_preset_per_epoch():
 
 def test_training_statistics_record_the_steps_that_hold_the_calibration_size():
     from efx.cli.run import RunSettings
-    assert RunSettings().callback_record_steps == 4  # 32 sequences at batch 8
-    assert RunSettings(calib=20, batch_size=8).callback_record_steps == 3
-    assert RunSettings(calib=20, batch_size=4, grad_accum=2).callback_record_steps == 3
-    assert RunSettings(statistics="calibration").callback_record_steps is None
+    assert RunSettings(statistics="training").callback_record_steps == 4  # 32 sequences at batch 8
+    assert RunSettings(statistics="training", calib=20, batch_size=8).callback_record_steps == 3
+    assert RunSettings(statistics="training", calib=20, batch_size=4, grad_accum=2).callback_record_steps == 3
+    assert RunSettings().callback_record_steps is None
 
 
 def test_config_file_and_unknown_keys(tiny_setup, capsys):

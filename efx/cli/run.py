@@ -66,9 +66,11 @@ class RunSettings:
     each pruning call, which re-initializes the adapter (the authors keep the state)."""
     statistics: str = "auto"
     """EfficientXpert/ForeSight activation statistics: calibration (a calibration pass over --calib sequences per
-    pruning call), training (recorded during the training forwards of the last steps before each call that hold
-    --calib sequences: no extra forward pass; same retention in the benchmark, calls about 6x faster) or auto
-    (training for efficientxpert and foresight; the baselines always run a calibration pass)."""
+    pruning call; on the ramp it also yields E[x x^T], with which each call rebuilds the weights the ForeSight
+    mask keeps) or training (recorded during the training forwards of the last steps before each call that hold
+    --calib sequences: no extra forward pass, no rebuild). auto: calibration on the ramp (the retention grid's
+    best recipe), training on the epoch schedule and under --fsdp; the baselines always run a calibration
+    pass."""
     lora_r: int = 8
     """LoRA rank."""
     lora_alpha: float = 16.0
@@ -165,7 +167,16 @@ class RunSettings:
         """The statistics the pruning calls use ("auto" resolved)."""
         if self.statistics != "auto":
             return self.statistics
-        return "training" if self.method in FORESIGHT_METHODS else "calibration"
+        if self.method not in FORESIGHT_METHODS:
+            return "calibration"
+        return "calibration" if self.callback_schedule == "ramp" and not self.fsdp else "training"
+
+    @property
+    def reconstruct(self) -> bool:
+        """Whether each pruning call rebuilds the kept weights under the ForeSight mask (`PruneConfig.reconstruct`):
+        on the ramp with calibration statistics, which hold the E[x x^T] the rebuild needs."""
+        return self.method in FORESIGHT_METHODS and self.callback_schedule == "ramp" \
+            and self.callback_statistics == "calibration"
 
     @property
     def callback_record_steps(self) -> int | None:
@@ -188,7 +199,7 @@ class RunSettings:
 
     def prune_config(self) -> PruneConfig:
         return PruneConfig(method=self.method, sparsity=self.sparsity, pattern=self.pattern, preset=self.preset,
-                           seed=self.seed)
+                           reconstruct=self.reconstruct, seed=self.seed)
 
     def lora(self) -> LoraSettings:
         return LoraSettings(r=self.lora_r, alpha=self.lora_alpha)
@@ -324,6 +335,7 @@ def run(settings: RunSettings, output: str | Path, *, overwrite: bool = False, r
         "sparsity": audit, "prune_calls": expert_stage.get("calls", []),
         "statistics": settings.callback_statistics if settings.method in FORESIGHT_METHODS else None,
         "schedule": settings.callback_schedule if settings.method in FORESIGHT_METHODS else None,
+        "reconstruct": settings.reconstruct,
         "record_steps": settings.callback_record_steps if settings.method in FORESIGHT_METHODS else None,
         "packed": expert_stage.get("packed"),
         "distributed": {"world_size": distributed.world_size(),

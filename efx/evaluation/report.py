@@ -126,8 +126,10 @@ def markdown(report: dict) -> str:
                             "and pruned at train end.",
                     "epoch": "A call at the start of every epoch after the first (each merges the adapter and "
                              "re-initializes it) and one at train end."}.get(report.get("schedule"))
+        rebuild = ["Each call rebuilt the kept weights under the ForeSight mask (the OBS update, from E[x x^T]).",
+                   ""] if report.get("reconstruct") else []
         lines += ["", "## Pruning calls", ""] + ([schedule, ""] if schedule else []) + \
-            ([f"Activation statistics {source}.", ""] if source else []) + [
+            ([f"Activation statistics {source}.", ""] if source else []) + rebuild + [
                   "| call | when | sparsity | mask overlap with previous | seconds |",
                   "| --- | --- | --- | --- | --- |"]
         for c in calls:
