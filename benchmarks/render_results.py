@@ -81,9 +81,11 @@ def retention_v3_section() -> list[str]:
              "File `benchmarks/results/v3/domain_retention.json`: the test items of suite v3 (no test prompt a "
              f"near-duplicate of a training text), {first.get('n_test', 300)} items per task or the whole test "
              f"pool, the same budget as above. Versions: {_versions(first['versions'])}. `efx-run-default` is what "
-             "`efx run` did with its defaults when the row ran (its settings are in the row); "
-             "`efficientxpert-efx-ramp` prunes the base on a cubic ramp (steps 10 to 40 of 60) with one adapter "
-             "trained throughout, which is `efx run`'s default recipe.", ""]
+             "`efx run` does with its defaults (the settings are in each row): the base pruned on a cubic ramp "
+             "(steps 10 to 40 of 60) with one adapter trained throughout, a calibration pass per call, and the "
+             "kept weights rebuilt under the ForeSight mask at every call (`PruneConfig.reconstruct`); "
+             "`efficientxpert-efx-ramp` is the same ramp on statistics recorded during training, without the "
+             "rebuild (the default before; `efx run --statistics training`).", ""]
     lines += [line.replace("### ", "#### ") for line in bench.summary(results)]
     paired = bench.paired(results)
     if paired:
@@ -156,20 +158,28 @@ def scale_section() -> list[str]:
     if not path.is_file():
         return []
     d = json.loads(path.read_text())
+    rebuild_path = RESULTS / "scale_cpu_rebuild.json"
+    rebuild = json.loads(rebuild_path.read_text()) if rebuild_path.is_file() else None
+    rebuild_calls = [dict(r, case=r["case"] + " rebuild") for r in (rebuild or {"rows": []})["rows"]
+                     if r["case"].startswith("call:") and "error" not in r]
     lines = ["## Scale: Llama-family models of real layer shapes", "",
              f"File `benchmarks/results/scale_cpu.json`, command `{d['command']}`; {d['dtype']}, random weights "
              f"built at run time, calibration {d['calibration'][0]} x {d['calibration'][1]} tokens, LoRA r 16, "
-             "EfficientXpert 40%. Extra peak: over what the process held before the call (RSS; bytes in use "
-             "from malloc). The plan behind these figures is [memory.md](memory.md).", "",
+             "EfficientXpert 40% (ForeSight + PBS: the call of the efx preset's epoch schedule; `efx run`'s default "
+             "also rebuilds the kept weights, the rows marked `rebuild`, from `benchmarks/results/scale_cpu_rebuild.json`"
+             f"{', command `' + rebuild['command'] + '`' if rebuild else ''}). Extra peak: over what the process held "
+             "before the call (RSS; bytes in use from malloc). The plan behind these figures is [memory.md](memory.md).",
+             "",
              "| case | layers | target MB (one layer) | call s | extra peak RSS MB | extra peak in use MB |",
              "| --- | --- | --- | --- | --- | --- |"]
     calls = [r for r in d["rows"] if r["case"].startswith("call:") and "error" not in r]
-    for r in calls:
+    for r in calls + rebuild_calls:
         lines.append(f"| {r['case']} | {r['layers']} | {r['target_mb']:.0f} ({r['layer_target_mb']:.0f}) | "
                      f"{r['call_seconds']:.1f} | {r['extra_peak_rss_mb']:.0f} | "
                      f"{r.get('extra_peak_heap_in_use_mb', float('nan')):.0f} |")
     for r in (r for r in d["rows"] if r["case"].startswith("run:") and "error" not in r):
-        lines += ["", f"`efx run` on `{r['case']}` (a user JSONL domain, 2 epochs x 8 examples): wall "
+        era = "" if "reconstruct" in r else ", measured before the rebuild became the default"
+        lines += ["", f"`efx run` on `{r['case']}` (a user JSONL domain, 2 epochs x 8 examples{era}): wall "
                       f"{r['wall_seconds']:.0f} s, peak RSS over the process before {r['peak_mb']:.0f} MB = "
                       f"{r['peak_over_model']:.2f} x the model's {r['model_mb']:.0f} MB; audited sparsity "
                       f"{r['sparsity']:.4f}, {r['negative_zeros']} negative zeros, saved as {', '.join(r['saved_dtypes'])}."]
@@ -182,7 +192,8 @@ def scale_section() -> list[str]:
         lines += ["", "Growth of a call's extra peak per added layer, 2 -> 6 layers, as a fraction of one layer's "
                       f"target bytes: {growth} (bar: <= 0.25)."]
     if "plan_gb" in ext:
-        plan = ext["plan_gb"]
+        measured = [r["extra_peak_rss_mb"] for r in calls + rebuild_calls if r["case"].startswith("call:llama3-8b")]
+        plan = _module("scale").memory_plan(call_extra_mb=max(measured, default=None))
         lines += ["", "Predicted peak of a 32-layer Llama-3-8B `efx run` in bf16 on one GPU: " +
                   " + ".join(f"{k.replace('_', ' ')} {v:.2f}" for k, v in plan.items() if k != "total") +
                   f" = **{plan['total']:.1f} GB** of an H200's 141 GB. Not yet measured on a GPU."]

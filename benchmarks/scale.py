@@ -94,7 +94,8 @@ def call_case(shape: str, layers: int, dtype, device) -> dict:
     before = held_now()
     record: dict = {}
     with tempfile.TemporaryDirectory(prefix="efx-scale-") as work, measure(record, "call"):
-        prune(model, calib, PruneConfig(sparsity=0.4), work_dir=work)
+        # the heaviest call of efx run's default: merge, mask, and the kept weights rebuilt from E[x x^T]
+        prune(model, calib, PruneConfig(sparsity=0.4, reconstruct=True), work_dir=work)
     return {"case": f"call:{shape}:{layers}", "shape": shape, "layers": layers, "layer_target_mb": layer_bytes / 2**20,
             "target_mb": all_bytes / 2**20, "call_seconds": record["call"]["seconds"], "held_before_mb": before,
             **peak_of(record["call"], before)}
@@ -139,6 +140,7 @@ def run_case(shape: str, layers: int, dtype, device) -> dict:
     return {"case": f"run:{shape}:{layers}", "shape": shape, "layers": layers, "model_mb": model_bytes / 2**20,
             "layer_target_mb": layer_bytes / 2**20, "target_mb": all_bytes / 2**20, "wall_seconds": wall,
             "stages": stages, "held_before_mb": before, "peak_mb": peak, "peak_kind": f"{peak_key} over the process before", "peak_over_model": peak / (model_bytes / 2**20),
+            "reconstruct": report["reconstruct"],
             "sparsity": report["sparsity"]["overall"], "negative_zeros": report["sparsity"]["negative_zeros"],
             "saved_dtypes": sorted({m["dtype"] for m in report["sparsity"]["modules"].values()})}
 
@@ -173,7 +175,8 @@ def extrapolate(rows: list[dict]) -> dict:
 def memory_plan(call_extra_mb: float | None = None, tokens: int = 8 * 128, rank: int = 8) -> dict:
     """docs/memory.md's plan of an 8B `efx run` in bf16 on one GPU, in GB: the model, LoRA in fp32
     with its gradient and Adam's two moments, the activations of one step (no checkpointing) and
-    the larger of a pruning call's workspace and the measured extra peak of a call."""
+    the largest of a pruning call's ForeSight workspace, its rebuild workspace and the measured
+    extra peak of a call."""
     h, i, kv, layers, vocab = 4096, 14336, 1024, LLAMA3_8B["layers"], LLAMA3_8B["vocab"]
     params = layers * (2 * h * h + 2 * h * kv + 3 * h * i + 2 * h) + 2 * vocab * h + h
     lora = layers * rank * ((h + h) * 2 + (h + kv) * 2 + (h + i) * 3)
@@ -181,8 +184,12 @@ def memory_plan(call_extra_mb: float | None = None, tokens: int = 8 * 128, rank:
     # the MLP's gate, up and product, the two norms (about 10 h + 4 i values)
     activations = layers * tokens * (10 * h + 4 * i) * 2
     workspace = 3 * 4 * i * h  # one MLP target: U and the score in fp32, the previous score in bf16 + the mask
+    # efx run's default rebuilds the kept weights: a block's E[x x^T] (q/k/v, o, gate/up: h x h; down: i x i, fp32)
+    # and, for down, SparseGPT's factorization (a fp32 copy, two fp64 i x i alive at once, the fp32 weight)
+    rebuild = 4 * (3 * h * h + i * i) + 4 * i * i + 2 * 8 * i * i + 4 * h * i
     plan = {"model": params * 2 / 1e9, "lora_fp32_with_grad_and_adam": lora * 16 / 1e9,
-            "activations": activations / 1e9, "call_workspace": max(workspace, (call_extra_mb or 0) * 2**20) / 1e9}
+            "activations": activations / 1e9,
+            "call_workspace": max(workspace, rebuild, (call_extra_mb or 0) * 2**20) / 1e9}
     plan["total"] = sum(plan.values())
     return plan
 
