@@ -224,7 +224,7 @@ def _weight_tile(w0_ptr, w1_ptr, w2_ptr, row0, k0, n_rows, n_cols, stride0, stri
         j = tl.arange(0, 64)[None, :]
         half = tl.where(j < 32, lo[:, None], hi[:, None])
         below = _popc_shifted(half, 32 - j % 32, EMULATE)  # kept columns of the half word before j
-        below += tl.where(j < 32, 0, _popc_shifted(lo, 0 * lo, EMULATE)[:, None])
+        below += tl.where(j < 32, 0, _popc_shifted(lo, tl.zeros_like(lo), EMULATE)[:, None])
         tile = tl.where(((half >> (j % 32)) & 1) != 0, tl.gather(window, below, 1), 0.0)
     elif FORMAT == 1:
         # one int64 word of positions per row and 64 columns, the 16 value pairs as one vector

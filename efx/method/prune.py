@@ -336,7 +336,7 @@ def _prune_module(call: _Call, block: BlockMap, role: str, stats: ModuleStats) -
         call.changed.append(tensor)
     nm = parse_pattern(config.pattern)
     sparsity = config.effective_sparsity
-    merged = None  # the new W, when a solver forms it itself
+    merged = None  # the new W, when SparseGPT's solve forms it
     if config.method in FORESIGHT_METHODS and nm is not None and not config.use_memory:
         # no score to remember: the fused kernel goes straight from weights to the N:M mask
         keep = efx_kernels.foresight_nm_keep_mask(**score_inputs(call.arch, block, role, stats, config.preset,
@@ -354,8 +354,7 @@ def _prune_module(call: _Call, block: BlockMap, role: str, stats: ModuleStats) -
         keep = select_keep_mask(score, sparsity, config.pattern)
         del score, prev  # 4 + 2 bytes per weight that the merge below does not need
     elif config.method == "sparsegpt":
-        merged, keep = baselines.sparsegpt(efx_kernels.effective_weight(weight, A, B, scale), stats.hessian,
-                                           sparsity, config.pattern, config.sparsegpt_block, config.sparsegpt_damp)
+        keep = None  # the solver below chooses it
     else:
         U = efx_kernels.effective_weight(weight, A, B, scale)
         score = baselines.magnitude_score(U) if config.method == "magnitude" else \
@@ -363,9 +362,11 @@ def _prune_module(call: _Call, block: BlockMap, role: str, stats: ModuleStats) -
         keep = select_keep_mask(score, sparsity, config.pattern)
         del U, score
 
-    if config.reconstruct:  # the OBS update of the kept weights under the ForeSight mask
-        merged, _ = baselines.sparsegpt(efx_kernels.effective_weight(weight, A, B, scale), stats.hessian, sparsity,
-                                        config.pattern, config.sparsegpt_block, config.sparsegpt_damp, keep=keep)
+    if config.method == "sparsegpt" or config.reconstruct:
+        # SparseGPT's OBS solve: its own mask, or (reconstruct) the rebuild under the ForeSight mask
+        merged, keep = baselines.sparsegpt(efx_kernels.effective_weight(weight, A, B, scale), stats.hessian,
+                                           sparsity, config.pattern, config.sparsegpt_block, config.sparsegpt_damp,
+                                           keep=keep)
     if merged is None:
         if parts is not None and config.run_pbs:
             B = _pbs_update(weight, A, B, scale, keep, stats, config)
