@@ -151,6 +151,43 @@ def test_ramp_schedule_prunes_the_base_gradually_and_keeps_one_adapter(monkeypat
     assert target_sparsity(unload(model)) == pytest.approx(0.5, abs=1e-9)
 
 
+def is_two_four(weight) -> bool:
+    """Every group of 4 consecutive inputs of every row holds at most 2 nonzeros."""
+    return bool(((weight != 0).reshape(weight.shape[0], -1, 4).sum(-1) <= 2).all())
+
+
+def test_ramp_at_an_nm_pattern_cuts_the_base_once_and_keeps_the_adapter(monkeypatch):
+    """At 2:4 the ramp is one cut: the first call (step 1) prunes the base alone to exactly 2:4 and
+    rebuilds what it keeps, later steps call nothing, the adapter trains on; the final call merges
+    and ends exactly 2:4."""
+    import efx.method.schedule as callback_module
+    tok = char_tokenizer()
+    callback = EfficientXpertCallback(calibration_batches(tok, EXAMPLES, n=8),
+                                      PruneConfig(pattern="2:4", reconstruct=True), schedule="ramp", every_steps=1)
+    seen = []
+
+    def observing_prune(model, calib, config, **kwargs):
+        lora_b = [p for n, p in model.named_parameters() if "lora_B" in n]
+        trained = any(bool(p.abs().sum()) for p in lora_b)
+        report = real_prune(model, calib, config, **kwargs)
+        bases = [base_linear(m).weight for b in architecture_map(model).blocks for m in b.targets.values()]
+        seen.append((config.merge, trained, all(is_two_four(w) for w in bases)))
+        return report
+
+    real_prune = callback_module.prune
+    monkeypatch.setattr(callback_module, "prune", observing_prune)
+    settings = TrainSettings(epochs=3, n_examples=0, batch_size=8, learning_rate=1e-2)
+    model, _ = train_lora(tiny_model("llama", vocab_size=256), tok, EXAMPLES, training=settings, callbacks=[callback])
+    assert [c["when"] for c in callback.reports] == ["step 1", "train end"]
+    assert seen[0] == (False, True, True)  # the base alone, cut to 2:4 after one step of training
+    assert seen[1][:2] == (True, True)  # the final call merges an adapter trained since the cut
+    assert all(c["config"]["reconstruct"] for c in callback.reports)
+    merged = unload(model)
+    weights = [base_linear(m).weight for b in architecture_map(merged).blocks for m in b.targets.values()]
+    assert all(is_two_four(w) for w in weights)
+    assert target_sparsity(merged) == pytest.approx(0.5, abs=1e-9)
+
+
 def test_ramp_spreads_four_calls_over_two_thirds_of_training_when_no_interval_is_given():
     from types import SimpleNamespace
     callback = EfficientXpertCallback([{"input_ids": [[0]]}], schedule="ramp")
@@ -169,8 +206,6 @@ def test_bad_schedule():
         EfficientXpertCallback([{}], schedule="ramp", every_steps=0)
     with pytest.raises(ValueError, match="the ramp's calls keep the adapter"):
         EfficientXpertCallback([{}], schedule="ramp", reset_optimizer=True)
-    with pytest.raises(ValueError, match="ramp"):
-        EfficientXpertCallback([{}], PruneConfig(pattern="2:4"), schedule="ramp", every_steps=2)
     with pytest.raises(ValueError, match="schedule"):
         EfficientXpertCallback([], schedule="cubic")
 

@@ -62,8 +62,8 @@ class RunSettings:
     (dense with zeros) and expert/adapter/ the peft adapter (efx eval and efx export pick it up; lm-eval loads
     it with peft=, vLLM with LoRA enabled)."""
     reset_optimizer: bool = False
-    """EfficientXpert on the epoch schedule (--preset paper or an N:M pattern): clear the optimizer state after
-    each pruning call, which re-initializes the adapter (the authors keep the state)."""
+    """EfficientXpert on the epoch schedule (--preset paper): clear the optimizer state after each pruning call,
+    which re-initializes the adapter (the authors keep the state)."""
     statistics: str = "auto"
     """EfficientXpert/ForeSight activation statistics: calibration (a calibration pass over --calib sequences per
     pruning call; on the ramp it also yields E[x x^T], with which each call rebuilds the weights the ForeSight
@@ -143,8 +143,8 @@ class RunSettings:
                                  f"(pruning inside training), not --method {self.method}")
         if self.reset_optimizer and self.callback_schedule == "ramp":
             raise ValueError("--reset-optimizer applies where a pruning call re-initializes the adapter (--preset "
-                             "paper, or an N:M pattern); with the efx preset at an unstructured sparsity the base "
-                             "is pruned on a ramp and one adapter trains throughout")
+                             "paper); with the efx preset the base is pruned on a ramp and one adapter trains "
+                             "throughout")
         if self.keep_adapter and self.method == "dense":
             raise ValueError("--keep-adapter applies to pruning methods: --method dense prunes nothing")
         if self.method != "dense":
@@ -187,10 +187,10 @@ class RunSettings:
 
     @property
     def callback_schedule(self) -> str:
-        """The pruning schedule: the ramp for the efx preset at an unstructured sparsity (the base pruned
-        gradually under one adapter: the retention grid's best EfficientXpert recipe), else the authors'
-        epoch schedule (the paper preset reproduces it; an N:M pattern has no ramp)."""
-        return "ramp" if self.preset == "efx" and self.pattern == "unstructured" else "epoch"
+        """The pruning schedule: the ramp for the efx preset (the base pruned gradually under one adapter,
+        in one cut for an N:M pattern: the retention grid's best EfficientXpert recipe), else the authors'
+        epoch schedule (the paper preset reproduces it)."""
+        return "ramp" if self.preset == "efx" else "epoch"
 
     def callback_kwargs(self) -> dict:
         """The `EfficientXpertCallback` options of these settings."""

@@ -37,8 +37,9 @@ class EfficientXpertCallback(TrainerCallback):
     calls), at the cubic sparsity s_f * (1 - (1 - t / t_end)^3) of gradual magnitude pruning
     (Zhu & Gupta, 2017), reaching the target at the last of them; these calls prune the base
     alone (`PruneConfig.merge` False: no PBS, no merge), so one adapter trains on the ever sparser
-    base for the whole budget and the score memory blends the calls' scores. Unstructured
-    sparsity only; what `efx run` does with the efx preset.
+    base for the whole budget and the score memory blends the calls' scores. An N:M pattern has
+    one sparsity, so its ramp is a single cut of the base at the first call; the adapter then
+    trains on the N:M base for the rest of the budget. What `efx run` does with the efx preset.
     Whatever the schedule a final call at train end runs without PBS and without score memory,
     so the model ends merged and exactly sparse (the adapter is reset to B = 0;
     `merge_and_unload()` then yields the plain model).
@@ -84,9 +85,6 @@ class EfficientXpertCallback(TrainerCallback):
         self.calib = calib
         self.config = config or PruneConfig()
         self.config.validate()
-        if schedule == "ramp" and self.config.pattern != "unstructured":
-            raise ValueError(f"schedule 'ramp' raises an unstructured sparsity; pattern {self.config.pattern!r} "
-                             "has one fixed sparsity")
         if statistics == "training" and self.config.needs_hessian:
             raise ValueError(f"statistics 'training' records no Hessian E[x x^T], which method "
                              f"{self.config.method!r} with these options needs")
@@ -147,7 +145,10 @@ class EfficientXpertCallback(TrainerCallback):
                        another_follows=not last_epoch)
 
     def _ramp_end(self, state) -> int:
-        """The step of the ramp's last call (a multiple of the interval, at least the first)."""
+        """The step of the ramp's last call (a multiple of the interval, at least the first; the first
+        for an N:M pattern, whose one cut is the whole ramp)."""
+        if self.config.pattern != "unstructured":
+            return self.interval
         return max(int(RAMP_END * state.max_steps) // self.interval, 1) * self.interval
 
     def _next_call_step(self, state) -> int | None:
