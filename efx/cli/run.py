@@ -76,7 +76,8 @@ class RunSettings:
     lora_alpha: float = 16.0
     """LoRA alpha."""
     epochs: int = 3
-    """Training epochs (EfficientXpert prunes at the start of epochs 2..E and at the end)."""
+    """Training epochs (the efx preset's ramp prunes during the first two thirds of training, the paper preset
+    at the start of epochs 2..E; both prune once more at the end)."""
     n_examples: int = 160
     """Training examples per epoch, drawn from the suite's training pool."""
     batch_size: int = 8
