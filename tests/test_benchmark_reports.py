@@ -38,6 +38,19 @@ def test_summary_retention_per_seed_mean_and_order():
     assert "**0.625**" in lines[3]
 
 
+def test_the_plot_draws_every_seed_of_a_method_measured_at_two_sparsities(tmp_path, monkeypatch):
+    bench = load_benchmark()
+    drawn = {}
+    monkeypatch.setattr(bench, "retention_plot", lambda series, path, title: drawn.update(series) or path.name)
+    rows = [entry("dense", "-", 0, 0.8, 10.0), entry("dense", "-", 1, 0.5, 20.0),
+            entry("a", "0.4", 0, 0.4, 20.0), entry("a", "0.4", 1, 0.5, 20.0), entry("a", "0.5", 0, 0.2, 20.0),
+            entry("b", "0.4", 0, 0.8, 10.0), entry("b", "0.4", 1, 0.5, 20.0),  # one sparsity: no line
+            entry("a", "2:4", 0, 0.6, 20.0)]                                   # N:M: not on the axis
+    assert bench.plot({str(i): r for i, r in enumerate(rows)}, tmp_path) == ["retention_vs_sparsity_medical.png"]
+    assert sorted(drawn) == ["a"]
+    assert sorted(drawn["a"]) == [(0.4, 0.5), (0.4, 1.0), (0.5, 0.125 + 0.25)]
+
+
 def test_results_page_is_generated_from_the_result_files(tmp_path, monkeypatch):
     """docs/results.md is what render_results.py makes of benchmarks/results/*.json, and --check
     fails once a result file changes."""
