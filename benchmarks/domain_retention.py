@@ -55,6 +55,8 @@ METHODS = {
     # with calibration statistics and PruneConfig.reconstruct)
     "efficientxpert-efx-ramp": ({"method": "efficientxpert", "preset": "efx"}, "inside",
                                 {"statistics": "training", "schedule": "ramp", "every_steps": 10}),
+    # SparseGPT's own mask and solve on the default's schedule (at N:M: one cut at the ramp's first call)
+    "sparsegpt/ramp": ({"method": "sparsegpt"}, "inside", {"schedule": "ramp", "every_steps": 10}),
     "efficientxpert-efx": ({"method": "efficientxpert", "preset": "efx"}, "inside"),
     "efficientxpert-paper": ({"method": "efficientxpert", "preset": "paper"}, "inside"),
     "foresight": ({"method": "foresight", "preset": "efx"}, "inside"),
@@ -66,7 +68,7 @@ METHODS = {
 }
 UNSTRUCTURED_ONLY = {"efficientxpert-paper"}
 # efx options measured on demand (--methods NAME); the default run is the method list
-VARIANTS = {name for name in METHODS if name.startswith("efficientxpert-efx")}
+VARIANTS = {name for name in METHODS if name.startswith("efficientxpert-efx")} | {"sparsegpt/ramp"}
 N_TEST = 800  # items per task (or the whole test pool): a paired difference of 0.02 resolved over 3 seeds
 
 

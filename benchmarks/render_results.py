@@ -83,7 +83,8 @@ def retention_v3_section() -> list[str]:
              f"pool, the same budget as above. Versions: {_versions(first['versions'])}. `efx-run-default` is what "
              "`efx run` does with its defaults (the settings are in each row): the base pruned on a cubic ramp "
              "(steps 10 to 40 of 60) with one adapter trained throughout, a calibration pass per call, and the "
-             "kept weights rebuilt under the ForeSight mask at every call (`PruneConfig.reconstruct`); "
+             "kept weights rebuilt under the ForeSight mask at every call (`PruneConfig.reconstruct`); at 2:4 "
+             "the ramp is one cut of the base to 2:4 with the rebuild at step 10, then the adapter trains on it; "
              "`efficientxpert-efx-ramp` is the same ramp on statistics recorded during training, without the "
              "rebuild (the default before; `efx run --statistics training`).", ""]
     lines += [line.replace("### ", "#### ") for line in bench.summary(results)]
