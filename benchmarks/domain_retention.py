@@ -67,7 +67,7 @@ METHODS = {
     "magnitude/lora-prune": ({"method": "magnitude"}, "lora-prune"),
 }
 UNSTRUCTURED_ONLY = {"efficientxpert-paper"}
-# efx options measured on demand (--methods NAME); the default run is the method list
+# efx options and screen variants, measured on demand (--methods NAME); the default run is the method list
 VARIANTS = {name for name in METHODS if name.startswith("efficientxpert-efx")} | {"sparsegpt/ramp"}
 N_TEST = 800  # items per task (or the whole test pool): a paired difference of 0.02 resolved over 3 seeds
 
