@@ -67,6 +67,7 @@ METHODS = {
     "magnitude/lora-prune": ({"method": "magnitude"}, "lora-prune"),
 }
 UNSTRUCTURED_ONLY = {"efficientxpert-paper"}
+BASELINE_PIPELINES = ("lora-prune", "prune-lora-reprune")
 # efx options and screen variants, measured on demand (--methods NAME); the default run is the issue's method list
 VARIANTS = {name for name in METHODS if name.startswith("efficientxpert-efx")} | {"sparsegpt/ramp"}
 N_TEST = 800  # items per task (or the whole test pool): a paired difference of 0.02 resolved over 3 seeds
@@ -168,10 +169,17 @@ def summary(results: dict) -> list[str]:
     return lines
 
 
+def is_baseline(method: str) -> bool:
+    """A baseline is a method on a baseline pipeline (`X/lora-prune`, `X/prune-lora-reprune`); a
+    baseline's mask inside the default's schedule (`sparsegpt/ramp`) is a variant like the others."""
+    return method.rpartition("/")[2] in BASELINE_PIPELINES
+
+
 def paired(results: dict) -> list[str]:
     """Per domain and sparsity: each method's retention, mean and spread (max - min) over its seeds,
     and the paired 95% interval of its task-retention difference to the best baseline (the
-    baseline of highest mean), for rows evaluated with per-item results (efx.evaluation.paired)."""
+    baseline of highest mean, `is_baseline`), for rows evaluated with per-item results
+    (efx.evaluation.paired)."""
     dense = dense_references(results)
     lines = []
     settings = sorted({(r["domain"], r["sparsity_setting"]) for r in results.values() if r["method"] != "dense"})
@@ -183,7 +191,7 @@ def paired(results: dict) -> list[str]:
         methods = {m: {s: (retention(r["eval"], dense[(domain, s)]["eval"], metric="accuracy_norm")["overall"],
                            r["eval"]) for s, r in runs.items()} for m, runs in by_method.items()}
         table = against_best_baseline(methods, {s: dense[(domain, s)]["eval"] for d, s in dense if d == domain},
-                                      lambda m: "/" in m)
+                                      is_baseline)
         if not any(row["difference"] for row in table):  # no baseline, or no per-item results
             continue
         best = next(row["method"] for row in table if row["best"])

@@ -69,8 +69,11 @@ def test_the_retention_report_prints_the_paired_interval_against_the_best_baseli
         results[f"a{seed}"] = row("efficientxpert-efx", seed, [1, 1, 0, 0] * 10)
         results[f"b{seed}"] = row("sparsegpt/prune-lora-reprune", seed, [1, 0, 0, 0] * 10)
         results[f"c{seed}"] = row("wanda/lora-prune", seed, [0, 0, 0, 0] * 10)
+        # SparseGPT's mask on the default's schedule: a variant, not a baseline, however well it does
+        results[f"v{seed}"] = row("sparsegpt/ramp", seed, [1, 1, 1, 0] * 10)
     lines = "\n".join(module.paired(results))
     assert "### d, 0.4 (best baseline: sparsegpt/prune-lora-reprune)" in lines
+    assert "| sparsegpt/ramp | 3 | 1.000 | 0.000 | +0.667 [" in lines
     # efx: (0.5 - 0.25) / 0.75 = +0.333 over the best baseline on every seed; mean retention (0.5/0.75 + 1) / 2
     assert "| efficientxpert-efx | 3 | 0.833 | 0.000 | +0.333 [" in lines
     assert "| sparsegpt/prune-lora-reprune | 3 | 0.667 | 0.000 |  |" in lines
