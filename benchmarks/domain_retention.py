@@ -2,7 +2,7 @@
 seed, scored relative to dense LoRA (method.md section 7).
 
     python benchmarks/domain_retention.py [--domains medical legal] [--sparsities 0.4 0.5 2:4]
-        [--methods ...] [--seeds 0] [--output benchmarks/results]
+        [--methods ...] [--seeds 0] [--n-examples 160] [--output benchmarks/results]
 
 Results accumulate in domain_retention.json (one entry per domain/method/sparsity/seed, each
 with its command, wall time and versions): a rerun skips what is there, so the benchmark can
@@ -286,6 +286,8 @@ def main() -> None:
     parser.add_argument("--seeds", nargs="+", type=int, default=[0])
     parser.add_argument("--output", default="benchmarks/results")
     parser.add_argument("--n-test", type=int, default=N_TEST, help="test items per task (at most the test pool)")
+    parser.add_argument("--n-examples", type=int, default=RunSettings.n_examples,
+                        help="training examples per epoch, dense LoRA and every method alike (a folder holds one budget)")
     parser.add_argument("--render", action="store_true", help="only rewrite the .md from the JSON")
     args = parser.parse_args()
     if args.render:
@@ -299,6 +301,11 @@ def main() -> None:
     if stale:
         sys.exit(f"{path} holds rows measured on other test items ({stale}); this run evaluates suite "
                  f"v{SUITE_VERSION} with {args.n_test} items per task: write to a new --output folder")
+    budgets = sorted({r.get("settings", {}).get("n_examples", RunSettings.n_examples) for r in results.values()
+                      if r["domain"] in args.domains} - {args.n_examples})
+    if budgets:
+        sys.exit(f"{path} holds rows trained on {budgets} examples per epoch; this run trains on "
+                 f"{args.n_examples}: write to a new --output folder")
     command = " ".join(["python"] + sys.argv)
     machine = f"{platform.machine()}, {platform.processor() or 'cpu'}, torch threads {__import__('torch').get_num_threads()}"
 
@@ -310,7 +317,7 @@ def main() -> None:
     base, tokenizer = load_model()
     for seed in args.seeds:
         # the shared budget; each method's own callback options are in METHODS (recorded per row)
-        settings = RunSettings(seed=seed, statistics="calibration")
+        settings = RunSettings(seed=seed, statistics="calibration", n_examples=args.n_examples)
         for domain in args.domains:
             suite = load_suite(domain, seed=0, n_test=args.n_test)
             dense_key = key(domain, "dense", "-", seed)

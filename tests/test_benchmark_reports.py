@@ -107,3 +107,19 @@ def test_the_retention_grid_refuses_to_mix_rows_of_another_suite_version(tmp_pat
     monkeypatch.setattr(sys, "argv", ["domain_retention.py", "--domains", "medical", "--output", str(tmp_path)])
     with pytest.raises(SystemExit, match="other test items \\(medical v2 n300\\)"):
         bench.main()
+
+
+def test_the_retention_grid_refuses_to_mix_training_budgets_in_one_folder(tmp_path, monkeypatch):
+    import json
+    import sys
+
+    import pytest
+    from efx.data.suites import SUITE_VERSION
+    bench = load_benchmark()
+    row = dict(entry("efx-run-default", "0.4", 0, 0.7, 10.0), suite_version=SUITE_VERSION, n_test=bench.N_TEST,
+               settings={"n_examples": 160})
+    (tmp_path / "domain_retention.json").write_text(json.dumps({"medical|efx-run-default|0.4|0": row}))
+    monkeypatch.setattr(sys, "argv", ["domain_retention.py", "--domains", "medical", "--n-examples", "640",
+                                      "--output", str(tmp_path)])
+    with pytest.raises(SystemExit, match="trained on \\[160\\] examples per epoch; this run trains on 640"):
+        bench.main()
