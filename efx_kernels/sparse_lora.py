@@ -15,8 +15,8 @@ Tile conventions: a weight tile is BLOCK_ROWS output features x 64 input feature
 position word or one bitmap mask word per row). Every format's weight loads are pipelined with
 the activation load (cp.async into shared memory, num_stages deep). The 2:4 tile is read as one
 int64 position word and sixteen int32 value pairs per row; a group's four lanes are two byte
-permutes (PTX prmt, inline assembly) of its value pair under a selector looked up by its position
-nibble in a 16-entry table, not one masked load per element. The bitmap tile is read as one int64 mask word, one offset
+permutes (PTX prmt, inline assembly) of its value pair under the two selectors of its position
+nibble, one 8-byte entry of a 16-entry table read through L1, not one masked load per element. The bitmap tile is read as one int64 mask word, one offset
 and one 64-element window of packed values per row; each kept column takes its window element by
 a popcount of the mask bits before it (PTX shl + popc) and an in-warp gather. The interpreter has
 no inline assembly and computes the same bits in tensor arithmetic (EMULATE). Costs per weight,
@@ -186,39 +186,46 @@ def _popc_shifted(half, shift, EMULATE: tl.constexpr):
 
 
 @triton.jit
-def _place_lanes(pair, selector, EMULATE: tl.constexpr):
-    """The four 16-bit lanes (int16) of a 2:4 group: lanes 0-1 = prmt(pair, 0, selector), lanes
-    2-3 = prmt(pair, 0, selector >> 16). On the GPU two prmt instructions (inline PTX); EMULATE
-    (the interpreter) computes the same bits with _prmt."""
+def _place_lanes(pair, nibble, table_ptr, EMULATE: tl.constexpr):
+    """The four 16-bit lanes (int16) of a 2:4 group from its value pair and position nibble: the
+    group's two prmt selectors are entry `nibble` of `selector_table` (8 bytes: lanes 0-1, lanes
+    2-3); lanes 0-1 = prmt(pair, 0, low selector), lanes 2-3 = prmt(pair, 0, high selector).
+    On the GPU one inline-PTX block: the entry's address (mad.wide), one 8-byte read-only load
+    through L1 (a data-dependent read of a 128-byte table, kept out of the software pipeline),
+    and two prmt. EMULATE (the interpreter) loads the entry and computes the same bits with _prmt."""
     if EMULATE:
-        low, high = _prmt(pair, selector), _prmt(pair, selector >> 16)
+        low = _prmt(pair, tl.load(table_ptr + 2 * nibble))
+        high = _prmt(pair, tl.load(table_ptr + 2 * nibble + 1))
     else:  # two 32-bit results: the tile's stores take them as they are (no repacking moves)
         low, high = tl.inline_asm_elementwise(
-            "{ .reg .b32 s; prmt.b32 $0, $2, 0, $3; shr.b32 s, $3, 16; prmt.b32 $1, $2, 0, s; }",
-            "=r,=r,r,r", args=[pair, selector], dtype=(tl.int32, tl.int32), is_pure=True, pack=1)
+            "{ .reg .b32 s, u; .reg .b64 a; mad.wide.u32 a, $3, 8, $4; ld.global.nc.v2.b32 {s, u}, [a]; "
+            "prmt.b32 $0, $2, 0, s; prmt.b32 $1, $2, 0, u; }",
+            "=r,=r,r,r,l", args=[pair, nibble, table_ptr.to(tl.int64, bitcast=True)],
+            dtype=(tl.int32, tl.int32), is_pure=True, pack=1)
     return low.to(tl.int16), (low >> 16).to(tl.int16), high.to(tl.int16), (high >> 16).to(tl.int16)
 
 
 @triton.jit
 def _weight_tile(w0_ptr, w1_ptr, w2_ptr, row0, k0, n_rows, n_cols, stride0, stride1,
                  FORMAT: tl.constexpr, BLOCK_ROWS: tl.constexpr, VALUES: tl.constexpr, EMULATE: tl.constexpr):
-    """Dense (BLOCK_ROWS x 64) tile of W at rows row0.., columns k0..k0+63 (zeros outside W).
+    """Dense (BLOCK_ROWS x 64) tile of W at rows row0.., columns k0..k0+63: zeros in columns past
+    W; rows past W repeat its last row.
 
     bitmap: w0 = values, w1 = the int64 mask words, w2 = the segments' value offsets (units of
     ALIGN elements); 2:4: w0 = the values read as int32 pairs (one per group of four columns),
-    w1 = the int64 position words, w2 = the 16 prmt selectors (`selector_table`); masked: w0 =
+    w1 = the int64 position words, w2 = the prmt selector table (`selector_table`); masked: w0 =
     the dense weight. VALUES is the weight dtype (2:4 rebuilds its elements from their bits).
     """
-    rows = row0 + tl.arange(0, BLOCK_ROWS)
+    # rows past W read its last row again (finite values in tile rows that the forward never stores
+    # and that meet zero columns of dY in dX), so no row needs a load mask
+    held = tl.minimum(row0 + tl.arange(0, BLOCK_ROWS), n_rows - 1)
     cols = k0 + tl.arange(0, 64)
-    ok = (rows[:, None] < n_rows) & (cols[None, :] < n_cols)
     if FORMAT == 0:
         # per row one mask word and one offset; the segment's values read as one 64-element window
         # from that 8-byte-aligned offset (the array is padded so the window never leaves it), and
         # each kept column takes the window element numbered by the kept columns before it
-        in_rows = rows < n_rows
-        word = tl.load(w1_ptr + rows * stride1 + k0 // 64, mask=in_rows, other=0)
-        start = tl.load(w2_ptr + rows * stride1 + k0 // 64, mask=in_rows, other=0).to(tl.int64) * 4
+        word = tl.load(w1_ptr + held * stride1 + k0 // 64)
+        start = tl.load(w2_ptr + held * stride1 + k0 // 64).to(tl.int64) * 4
         window = tl.load(w0_ptr + tl.multiple_of(start, 4)[:, None] + tl.arange(0, 64)[None, :])
         lo, hi = word.to(tl.int32), (word >> 32).to(tl.int32)
         j = tl.arange(0, 64)[None, :]
@@ -229,21 +236,19 @@ def _weight_tile(w0_ptr, w1_ptr, w2_ptr, row0, k0, n_rows, n_cols, stride0, stri
     elif FORMAT == 1:
         # one int64 word of positions per row and 64 columns, the 16 value pairs as one vector
         groups = tl.arange(0, 16)
-        in_rows = rows < n_rows
-        word = tl.load(w1_ptr + rows * stride1 + k0 // 64, mask=in_rows, other=0)
-        nibble = (word[:, None] >> (groups * 4).to(tl.int64)[None, :]).to(tl.int32)
-        pair = tl.load(w0_ptr + rows[:, None] * stride0 + (k0 // 4 + groups)[None, :],
-                       mask=in_rows[:, None] & ((k0 // 4 + groups) < n_cols // 4)[None, :], other=0)
-        # a group's byte-permute selector, looked up by its position nibble (selector_table)
-        selector = tl.load(w2_ptr + (nibble & 0xF))
-        l0, l1, l2, l3 = _place_lanes(pair, selector, EMULATE)
+        word = tl.load(w1_ptr + held * stride1 + k0 // 64)
+        nibble = (word[:, None] >> (groups * 4).to(tl.int64)[None, :]).to(tl.int32) & 0xF
+        pair = tl.load(w0_ptr + held[:, None] * stride0 + (k0 // 4 + groups)[None, :],
+                       mask=((k0 // 4 + groups) < n_cols // 4)[None, :], other=0)
+        # the group's byte-permute selectors, looked up by its position nibble (selector_table)
+        l0, l1, l2, l3 = _place_lanes(pair, nibble, w2_ptr, EMULATE)
         l0 = l0.to(VALUES, bitcast=True)
         l1 = l1.to(VALUES, bitcast=True)
         l2 = l2.to(VALUES, bitcast=True)
         l3 = l3.to(VALUES, bitcast=True)
         tile = tl.reshape(tl.join(tl.join(l0, l2), tl.join(l1, l3)), (BLOCK_ROWS, 64))
     else:
-        tile = tl.load(w0_ptr + rows[:, None] * stride0 + cols[None, :], mask=ok, other=0.0)
+        tile = tl.load(w0_ptr + held[:, None] * stride0 + cols[None, :], mask=(cols < n_cols)[None, :], other=0.0)
     return tile
 
 
@@ -342,16 +347,21 @@ _SELECTORS: dict = {}
 
 
 def selector_table(device) -> torch.Tensor:
-    """The 16 prmt selectors of a 2:4 group, int32, indexed by its position nibble p0 | p1 << 2:
-    byte j names the source of lane j's low or high byte half (0x10: the first value's two bytes,
-    0x32: the second's, 0x44: a zero byte), `0x44444444 ^ 0x54 << 8*p0 ^ 0x76 << 8*p1`, so lane p0
-    takes the first value and lane p1 the second; lanes 0-1 use the low 16 bits, lanes 2-3 the
-    high. One 64-byte table per device, read through L1 by every group."""
+    """The prmt selectors of a 2:4 group, int32 (16, 2), row = its position nibble p0 | p1 << 2:
+    the selector word `0x44444444 ^ 0x54 << 8*p0 ^ 0x76 << 8*p1` (byte j names the source of lane
+    j's low or high byte half: 0x10 the first value's two bytes, 0x32 the second's, 0x44 a zero
+    byte), so lane p0 takes the first value and lane p1 the second; column 0 is the word (lanes 0-1
+    read its low 16 bits), column 1 the word >> 16 (lanes 2-3). One 128-byte table per device,
+    128-byte aligned so that it is one L1 line."""
     key = str(device)
     if key not in _SELECTORS:
         words = [0x44444444 ^ (0x54 << 8 * (nib & 3)) ^ (0x76 << 8 * (nib >> 2)) for nib in range(16)]
-        _SELECTORS[key] = torch.tensor([w - (1 << 32) if w >= 1 << 31 else w for w in words], dtype=torch.int32,
-                                       device=device)
+        signed = [[w - (1 << 32) if w >= 1 << 31 else w, w >> 16] for w in words]
+        storage = torch.zeros(64, dtype=torch.int32, device=device)  # room to start at a 128-byte boundary
+        skip = (-storage.data_ptr() % 128) // 4
+        table = storage[skip:skip + 32].view(16, 2)
+        table.copy_(torch.tensor(signed, dtype=torch.int32))
+        _SELECTORS[key] = table
     return _SELECTORS[key]
 
 
