@@ -16,11 +16,12 @@ position word or one bitmap mask word per row). Every format's weight loads are 
 the activation load (cp.async into shared memory, num_stages deep). The 2:4 tile is read as one
 int64 position word and sixteen int32 value pairs per row; a group's four lanes are two byte
 permutes (PTX prmt, inline assembly) of its value pair under the two selectors of its position
-nibble, one 8-byte entry of a 16-entry table read through L1, not one masked load per element. The bitmap tile is read as one int64 mask word, one offset
-and one 64-element window of packed values per row; each kept column takes its window element by
-a popcount of the mask bits before it (PTX shl + popc) and an in-warp gather. The interpreter has
-no inline assembly and computes the same bits in tensor arithmetic (EMULATE). Costs per weight,
-compiled for sm_90: benchmarks/kernel_static.py.
+nibble, one 8-byte entry of a 16-entry table read through L1, not one masked load per element.
+The bitmap tile is read as one int64 mask word, one offset and one 32-word window of packed
+values per row, and decoded a column pair at a time: two in-warp shuffles fetch the window words
+that hold the pair's elements, a funnel shift aligns them and one prmt places them by the pair's
+two mask bits (inline PTX). The interpreter has no inline assembly and computes the same bits in
+tensor arithmetic (EMULATE). Costs per weight, compiled for sm_90: benchmarks/kernel_static.py.
 
 dtypes: the kernels take fp16 and bf16 (16-bit tensor-core dots with fp32 accumulation); fp32
 runs the torch path (`_fused_dtypes`).
@@ -169,19 +170,16 @@ def _prmt(a, selector):
 
 
 @triton.jit
-def _popc_shifted(half, shift, EMULATE: tl.constexpr):
-    """popcount(half << shift) of int32 `half`, shift in [0, 32] (32 gives 0, as PTX's shl clamps
-    it). On the GPU one shl and one popc (inline PTX); EMULATE (the interpreter) counts the bits
-    in tensor arithmetic."""
+def _popc(v, EMULATE: tl.constexpr):
+    """popcount of int32 `v`: PTX popc on the GPU, tensor arithmetic under the interpreter."""
     if EMULATE:
-        v = tl.where(shift < 32, (half.to(tl.int64) << shift.to(tl.int64)) & 0xFFFFFFFF, 0)
+        v = v.to(tl.int64) & 0xFFFFFFFF
         v = v - ((v >> 1) & 0x55555555)
         v = (v & 0x33333333) + ((v >> 2) & 0x33333333)
         v = (v + (v >> 4)) & 0x0F0F0F0F
         count = (((v * 0x01010101) >> 24) & 0xFF).to(tl.int32)
     else:
-        count = tl.inline_asm_elementwise("{ .reg .b32 t; shl.b32 t, $1, $2; popc.b32 $0, t; }", "=r,r,r",
-                                          args=[half, shift], dtype=tl.int32, is_pure=True, pack=1)
+        count = tl.inline_asm_elementwise("popc.b32 $0, $1;", "=r,r", args=[v], dtype=tl.int32, is_pure=True, pack=1)
     return count
 
 
@@ -205,34 +203,74 @@ def _place_lanes(pair, nibble, table_ptr, EMULATE: tl.constexpr):
     return low.to(tl.int16), (low >> 16).to(tl.int16), high.to(tl.int16), (high >> 16).to(tl.int16)
 
 
+# the prmt selector of a bitmap column pair by its two mask bits (0 neither column kept, 1 the
+# first, 2 the second, 3 both), 16 bits each: the selectors of bits 0-1 in the first word, 2-3 in
+# the second; element c of the segment is the pair word's bytes 0-1, and 0x4 names a zero byte
+PAIR_SELECTORS = (0x44104444, 0x32101044)
+if tl.constexpr is not None:  # the kernels' view of them (Triton installed)
+    _PAIR_LOW, _PAIR_HIGH = tl.constexpr(PAIR_SELECTORS[0]), tl.constexpr(PAIR_SELECTORS[1])
+    _PAIR_ASM = tl.constexpr(
+        "{ .reg .b32 t, k; shl.b32 t, $3, 4; shf.r.wrap.b32 t, $1, $2, t; shr.b32 k, $4, $5; and.b32 k, k, 3; "
+        f"mad.lo.u32 k, k, 0x22, 0x10; prmt.b32 k, {PAIR_SELECTORS[0]:#x}, {PAIR_SELECTORS[1]:#x}, k; "
+        "prmt.b32 $0, t, 0, k; }")
+
+@triton.jit
+def _place_pair(first, second, c, half, shift, EMULATE: tl.constexpr):
+    """A bitmap column pair's two 16-bit lanes (int32) at bits shift, shift + 1 of the mask half
+    word `half`, where c kept columns of the segment come before the pair: elements c and c + 1 are
+    the window words `first` (c // 2) and `second` (c // 2 + 1) shifted right by c % 2 halves
+    (shf), and one prmt under the pair's selector (PAIR_SELECTORS, itself picked from the two
+    selector words by a prmt) places element c in lane 0, lane 1 or both lanes, or zeros. On the
+    GPU one inline-PTX block; EMULATE (the interpreter) computes the same bits in tensor arithmetic."""
+    if EMULATE:
+        both = ((second.to(tl.int64) << 32) | (first.to(tl.int64) & 0xFFFFFFFF)) >> (16 * (c & 1)).to(tl.int64)
+        bits = (half >> shift) & 3
+        selector = tl.where(bits < 2, _PAIR_LOW >> (16 * bits), _PAIR_HIGH >> (16 * (bits - 2))) & 0xFFFF
+        pair = _prmt((both & 0xFFFFFFFF).to(tl.int32), selector)
+    else:
+        pair = tl.inline_asm_elementwise(_PAIR_ASM, "=r,r,r,r,r,r", args=[first, second, c, half, shift],
+                                         dtype=tl.int32, is_pure=True, pack=1)
+    return pair
+
+
 @triton.jit
 def _weight_tile(w0_ptr, w1_ptr, w2_ptr, row0, k0, n_rows, n_cols, stride0, stride1,
                  FORMAT: tl.constexpr, BLOCK_ROWS: tl.constexpr, VALUES: tl.constexpr, EMULATE: tl.constexpr):
     """Dense (BLOCK_ROWS x 64) tile of W at rows row0.., columns k0..k0+63: zeros in columns past
     W; rows past W repeat its last row.
 
-    bitmap: w0 = values, w1 = the int64 mask words, w2 = the segments' value offsets (units of
-    ALIGN elements); 2:4: w0 = the values read as int32 pairs (one per group of four columns),
+    bitmap: w0 = the values read as int32 pairs, w1 = the int64 mask words, w2 = the segments'
+    value offsets (units of ALIGN elements); 2:4: w0 = the values read as int32 pairs (one per group of four columns),
     w1 = the int64 position words, w2 = the prmt selector table (`selector_table`); masked: w0 =
-    the dense weight. VALUES is the weight dtype (2:4 rebuilds its elements from their bits).
+    the dense weight. VALUES is the weight dtype (2:4 and bitmap rebuild their elements from their bits).
     """
     # rows past W read its last row again (finite values in tile rows that the forward never stores
     # and that meet zero columns of dY in dX), so no row needs a load mask
     held = tl.minimum(row0 + tl.arange(0, BLOCK_ROWS), n_rows - 1)
     cols = k0 + tl.arange(0, 64)
     if FORMAT == 0:
-        # per row one mask word and one offset; the segment's values read as one 64-element window
-        # from that 8-byte-aligned offset (the array is padded so the window never leaves it), and
-        # each kept column takes the window element numbered by the kept columns before it
+        # per row one mask word and one offset; the segment's values read as one 32-word window
+        # (64 elements as int32 pairs) from that 8-byte-aligned offset (the array is padded so the
+        # window never leaves it). Columns are decoded in pairs: the pair's first kept column is
+        # element c of the segment (c = kept columns before it), so elements c and c + 1 are the
+        # window words c // 2 and c // 2 + 1 shifted by c % 2 halves, and the pair's two mask bits
+        # say which of them go where (or zero)
         word = tl.load(w1_ptr + held * stride1 + k0 // 64)
-        start = tl.load(w2_ptr + held * stride1 + k0 // 64).to(tl.int64) * 4
-        window = tl.load(w0_ptr + tl.multiple_of(start, 4)[:, None] + tl.arange(0, 64)[None, :])
+        start = tl.load(w2_ptr + held * stride1 + k0 // 64).to(tl.int64) * 2
+        window = tl.load(w0_ptr + tl.multiple_of(start, 2)[:, None] + tl.arange(0, 32)[None, :])
         lo, hi = word.to(tl.int32), (word >> 32).to(tl.int32)
-        j = tl.arange(0, 64)[None, :]
-        half = tl.where(j < 32, lo[:, None], hi[:, None])
-        below = _popc_shifted(half, 32 - j % 32, EMULATE)  # kept columns of the half word before j
-        below += tl.where(j < 32, 0, _popc_shifted(lo, tl.zeros_like(lo), EMULATE)[:, None])
-        tile = tl.where(((half >> (j % 32)) & 1) != 0, tl.gather(window, below, 1), 0.0)
+        p = tl.arange(0, 32)[None, :]
+        shift = 2 * (p % 16)
+        below_lo = tl.where(p < 16, (1 << shift) - 1, -1)  # the mask bits before the pair, per half
+        below_hi = tl.where(p < 16, 0, (1 << shift) - 1)
+        c = _popc(lo[:, None] & below_lo, EMULATE) + _popc(hi[:, None] & below_hi, EMULATE)
+        half = tl.where(p < 16, lo[:, None], hi[:, None])
+        first = tl.gather(window, c >> 1, 1)
+        second = tl.gather(window, ((c >> 1) + 1) & 31, 1)
+        pair = _place_pair(first, second, c, half, shift, EMULATE)
+        l0 = pair.to(tl.int16).to(VALUES, bitcast=True)
+        l1 = (pair >> 16).to(tl.int16).to(VALUES, bitcast=True)
+        tile = tl.reshape(tl.join(l0, l1), (BLOCK_ROWS, 64))
     elif FORMAT == 1:
         # one int64 word of positions per row and 64 columns, the 16 value pairs as one vector
         groups = tl.arange(0, 16)
@@ -368,7 +406,7 @@ def selector_table(device) -> torch.Tensor:
 def _weight_args(packed: PackedWeight):
     t = packed.tensors
     if packed.format == "bitmap":
-        return t["values"], t["bitmap"], t["offsets"], 0, t["bitmap"].stride(0)
+        return t["values"].view(torch.int32), t["bitmap"], t["offsets"], 0, t["bitmap"].stride(0)
     if packed.format == "2:4":
         pairs = t["values"].view(torch.int32)
         return pairs, t["meta"], selector_table(pairs.device), pairs.stride(0), t["meta"].stride(0)

@@ -160,3 +160,38 @@ def test_autotune_configs_fit_the_format_and_bucket():
     assert {c.kwargs["BLOCK_M"] for c in prefill_24} == {16, 32, 64, 128}
     assert all(c.kwargs["BLOCK_M"] == 16 for c in prune_tile_configs(configs, {"m_bucket": 16}, FORMAT=1))
     assert all(c.kwargs["BLOCK_ROWS"] >= 32 for c in prefill_24)
+
+
+def prmt(a: int, b: int, selector: int) -> int:
+    """PTX prmt.b32 (default mode): byte j of the result is byte (nibble j of the selector) & 7
+    of the eight bytes {b, a}, or that byte's sign replicated when the nibble's bit 3 is set."""
+    source = (a & 0xFFFFFFFF) | (b & 0xFFFFFFFF) << 32
+    out = 0
+    for j in range(4):
+        nib = selector >> 4 * j & 0xF
+        byte = source >> 8 * (nib & 7) & 0xFF
+        out |= (0xFF if byte & 0x80 else 0) << 8 * j if nib & 8 else byte << 8 * j
+    return out
+
+
+def test_the_byte_permute_selectors_place_what_the_masks_keep():
+    """The constants of the GPU decode's inline PTX, which the interpreter cannot run: a 2:4
+    group's two selectors (selector_table) put its value pair at its two positions; a bitmap
+    column pair's selector, picked from PAIR_SELECTORS by prmt with index 0x10 + 0x22 * bits as
+    the inline PTX does, puts element c (the pair word's low half) where the pair's mask bits say."""
+    from efx_kernels.sparse_lora import PAIR_SELECTORS, selector_table
+    table = selector_table("cpu")
+    first, second = 0xAAAA, 0xBBBB
+    for p0 in range(4):
+        for p1 in range(p0 + 1, 4):
+            low, high = (int(v) & 0xFFFFFFFF for v in table[p0 | p1 << 2])
+            pair = first | second << 16
+            lanes = [prmt(pair, 0, low) & 0xFFFF, prmt(pair, 0, low) >> 16,
+                     prmt(pair, 0, high) & 0xFFFF, prmt(pair, 0, high) >> 16]
+            assert lanes == [first if j == p0 else second if j == p1 else 0 for j in range(4)]
+    element, following = 0x1234, 0x5678  # elements c and c + 1, after the shift by c % 2 halves
+    for bits in range(4):
+        selector = prmt(*PAIR_SELECTORS, 0x10 + 0x22 * bits) & 0xFFFF
+        lanes = prmt(element | following << 16, 0, selector)
+        expected = {0: 0, 1: element, 2: element << 16, 3: element | following << 16}[bits]
+        assert lanes == expected, bits
