@@ -73,13 +73,16 @@ VARIANTS = {name for name in METHODS if name.startswith("efficientxpert-efx")} |
 N_TEST = 800  # items per task (or the whole test pool): a paired difference of 0.02 resolved over 3 seeds
 
 
-def suite_mismatch(results: dict, domains, n_test: int) -> str:
-    """The rows of `domains` measured on other test items than this run's: another suite version
-    (rows from before the version was recorded are v2) or another number of items per task
-    (before it was recorded: 300), as "domain v2 n300, ..."; empty when there are none."""
-    found = sorted({f"{r['domain']} v{r.get('suite_version', 2)} n{r.get('n_test', 300)}" for r in results.values()
-                    if r["domain"] in domains and (r.get("suite_version", 2), r.get("n_test", 300))
-                    != (SUITE_VERSION, n_test)})
+def other_measurements(results: dict, domains, n_test: int, n_examples: int) -> str:
+    """The rows of `domains` that a run with these settings must not join: measured on other test
+    items (another suite version, rows from before it was recorded being v2, or another number of
+    items per task, before it was recorded 300) or trained on another number of examples per
+    epoch, as "medical v2 n300 e160, ..."; empty when there are none."""
+    def measured(r):
+        return (r.get("suite_version", 2), r.get("n_test", 300),
+                r.get("settings", {}).get("n_examples", RunSettings.n_examples))
+    found = sorted({"{} v{} n{} e{}".format(r["domain"], *measured(r)) for r in results.values()
+                    if r["domain"] in domains and measured(r) != (SUITE_VERSION, n_test, n_examples)})
     return ", ".join(found)
 
 
@@ -297,15 +300,11 @@ def main() -> None:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
     path = Path(args.output) / "domain_retention.json"
     results = json.loads(path.read_text()) if path.is_file() else {}
-    stale = suite_mismatch(results, args.domains, args.n_test)
-    if stale:
-        sys.exit(f"{path} holds rows measured on other test items ({stale}); this run evaluates suite "
-                 f"v{SUITE_VERSION} with {args.n_test} items per task: write to a new --output folder")
-    budgets = sorted({r.get("settings", {}).get("n_examples", RunSettings.n_examples) for r in results.values()
-                      if r["domain"] in args.domains} - {args.n_examples})
-    if budgets:
-        sys.exit(f"{path} holds rows trained on {budgets} examples per epoch; this run trains on "
-                 f"{args.n_examples}: write to a new --output folder")
+    other = other_measurements(results, args.domains, args.n_test, args.n_examples)
+    if other:
+        sys.exit(f"{path} holds rows measured otherwise ({other}); this run evaluates suite v{SUITE_VERSION} with "
+                 f"{args.n_test} items per task and trains on {args.n_examples} examples per epoch: write to a new "
+                 "--output folder")
     command = " ".join(["python"] + sys.argv)
     machine = f"{platform.machine()}, {platform.processor() or 'cpu'}, torch threads {__import__('torch').get_num_threads()}"
 

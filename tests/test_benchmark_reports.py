@@ -97,15 +97,17 @@ def test_the_retention_grid_refuses_to_mix_rows_of_another_suite_version(tmp_pat
     from efx.data.suites import SUITE_VERSION
     bench = load_benchmark()
     old = entry("efficientxpert-efx", "0.4", 0, 0.7, 10.0)  # a row from before versions were recorded: v2
-    assert bench.suite_mismatch({"a": old}, ["medical"], 300) == "medical v2 n300"
-    assert bench.suite_mismatch({"a": old}, ["legal"], 300) == ""
+    assert bench.other_measurements({"a": old}, ["medical"], 300, 160) == "medical v2 n300 e160"
+    assert bench.other_measurements({"a": old}, ["legal"], 300, 160) == ""
     current = dict(old, suite_version=SUITE_VERSION)
-    assert bench.suite_mismatch({"a": current}, ["medical"], 300) == ""  # 300 items: rows from before n_test
-    assert bench.suite_mismatch({"a": current}, ["medical"], 800) == f"medical v{SUITE_VERSION} n300"
-    assert bench.suite_mismatch({"a": dict(current, n_test=800)}, ["medical"], 800) == ""
+    assert bench.other_measurements({"a": current}, ["medical"], 300, 160) == ""  # 300 items: rows from before n_test
+    assert bench.other_measurements({"a": current}, ["medical"], 800, 160) == f"medical v{SUITE_VERSION} n300 e160"
+    assert bench.other_measurements({"a": dict(current, n_test=800)}, ["medical"], 800, 160) == ""
+    longer = dict(current, n_test=800, settings={"n_examples": 640})
+    assert bench.other_measurements({"a": longer}, ["medical"], 800, 160) == f"medical v{SUITE_VERSION} n800 e640"
     (tmp_path / "domain_retention.json").write_text(json.dumps({"medical|efficientxpert-efx|0.4|0": old}))
     monkeypatch.setattr(sys, "argv", ["domain_retention.py", "--domains", "medical", "--output", str(tmp_path)])
-    with pytest.raises(SystemExit, match="other test items \\(medical v2 n300\\)"):
+    with pytest.raises(SystemExit, match="measured otherwise \\(medical v2 n300 e160\\)"):
         bench.main()
 
 
@@ -121,5 +123,6 @@ def test_the_retention_grid_refuses_to_mix_training_budgets_in_one_folder(tmp_pa
     (tmp_path / "domain_retention.json").write_text(json.dumps({"medical|efx-run-default|0.4|0": row}))
     monkeypatch.setattr(sys, "argv", ["domain_retention.py", "--domains", "medical", "--n-examples", "640",
                                       "--output", str(tmp_path)])
-    with pytest.raises(SystemExit, match="trained on \\[160\\] examples per epoch; this run trains on 640"):
+    budget = f"\\(medical v{SUITE_VERSION} n{bench.N_TEST} e160\\).* trains on 640 examples per epoch"
+    with pytest.raises(SystemExit, match=budget):
         bench.main()
