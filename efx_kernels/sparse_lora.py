@@ -214,6 +214,7 @@ if tl.constexpr is not None:  # the kernels' view of them (Triton installed)
         f"mad.lo.u32 k, k, 0x22, 0x10; prmt.b32 k, {PAIR_SELECTORS[0]:#x}, {PAIR_SELECTORS[1]:#x}, k; "
         "prmt.b32 $0, t, 0, k; }")
 
+
 @triton.jit
 def _place_pair(first, second, c, half, shift, EMULATE: tl.constexpr):
     """A bitmap column pair's two 16-bit lanes (int32) at bits shift, shift + 1 of the mask half
@@ -240,9 +241,10 @@ def _weight_tile(w0_ptr, w1_ptr, w2_ptr, row0, k0, n_rows, n_cols, stride0, stri
     W; rows past W repeat its last row.
 
     bitmap: w0 = the values read as int32 pairs, w1 = the int64 mask words, w2 = the segments'
-    value offsets (units of ALIGN elements); 2:4: w0 = the values read as int32 pairs (one per group of four columns),
-    w1 = the int64 position words, w2 = the prmt selector table (`selector_table`); masked: w0 =
-    the dense weight. VALUES is the weight dtype (2:4 and bitmap rebuild their elements from their bits).
+    value offsets (units of ALIGN elements); 2:4: w0 = the values read as int32 pairs (one per
+    group of four columns), w1 = the int64 position words, w2 = the prmt selector table
+    (`selector_table`); masked: w0 = the dense weight. VALUES is the weight dtype (2:4 and bitmap
+    rebuild their elements from their bits).
     """
     # rows past W read its last row again (finite values in tile rows that the forward never stores
     # and that meet zero columns of dY in dX), so no row needs a load mask
