@@ -78,18 +78,34 @@ def test_pbs_options_keep_the_mask_and_change_the_merge(option):
         assert output_error(original, with_pbs, calib) <= output_error(original, without, calib) * (1 + 1e-6)
 
 
-@pytest.mark.parametrize("pattern", ["unstructured", "2:4"])
-def test_reconstruct_keeps_the_foresight_mask_and_lowers_the_output_error(pattern):
+def test_reconstruct_keeps_the_foresight_mask_and_lowers_the_output_error():
     """The OBS update under ForeSight's mask: the same zeros as ForeSight alone (block 0's q is
     scored before any update reaches it), and a smaller output error on the calibration inputs."""
     calib = padded_calib()
     original = lora_model()
     rebuilt, plain = copy.deepcopy(original), copy.deepcopy(original)
-    prune(rebuilt, calib, PruneConfig(sparsity=0.5, pattern=pattern, reconstruct=True))
-    prune(plain, calib, PruneConfig(method="foresight", sparsity=0.5, pattern=pattern))
+    prune(rebuilt, calib, PruneConfig(sparsity=0.5, reconstruct=True))
+    prune(plain, calib, PruneConfig(method="foresight", sparsity=0.5))
     a, b = weights(rebuilt), weights(plain)
     assert torch.equal(a[Q0] == 0, b[Q0] == 0) and adapters_reset(rebuilt)
     assert output_error(original, rebuilt, calib) < 0.9 * output_error(original, plain, calib)
+
+
+def test_reconstruct_at_2_4_chooses_the_groups_in_the_obs_sweep():
+    """At 2:4 the rebuild's solve chooses each group's two keeps by SparseGPT's rule on W + s*B@A:
+    block 0's q (the same inputs for both) ends as SparseGPT leaves it, with zeros other than
+    ForeSight's |U| * sqrt(E[x^2]) choice and a smaller output error than ForeSight's mask rebuilt."""
+    calib = padded_calib()
+    original = lora_model()
+    rebuilt, sparsegpt, plain = (copy.deepcopy(original) for _ in range(3))
+    prune(rebuilt, calib, PruneConfig(pattern="2:4", reconstruct=True))
+    prune(sparsegpt, calib, PruneConfig(method="sparsegpt", pattern="2:4"))
+    prune(plain, calib, PruneConfig(method="foresight", pattern="2:4"))
+    a, s, b = weights(rebuilt)[Q0], weights(sparsegpt)[Q0], weights(plain)[Q0]
+    assert torch.equal(a, s) and adapters_reset(rebuilt)
+    assert ((a != 0).view(-1, 4).sum(1) <= 2).all()
+    assert not torch.equal(a == 0, b == 0)
+    assert output_error(original, rebuilt, calib) < output_error(original, plain, calib)
 
 
 def test_pbs_max_pruned_per_row_differs_from_full_pbs():

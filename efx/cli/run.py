@@ -174,8 +174,9 @@ class RunSettings:
 
     @property
     def reconstruct(self) -> bool:
-        """Whether each pruning call rebuilds the kept weights under the ForeSight mask (`PruneConfig.reconstruct`):
-        on the ramp with calibration statistics, which hold the E[x x^T] the rebuild needs."""
+        """Whether each pruning call rebuilds the kept weights under the ForeSight mask (`PruneConfig.reconstruct`;
+        at N:M the rebuild's solve also chooses each group's keeps): on the ramp with calibration statistics, which
+        hold the E[x x^T] the rebuild needs."""
         return self.method in FORESIGHT_METHODS and self.callback_schedule == "ramp" \
             and self.callback_statistics == "calibration"
 

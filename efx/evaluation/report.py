@@ -126,7 +126,10 @@ def markdown(report: dict) -> str:
                             "and pruned at train end.",
                     "epoch": "A call at the start of every epoch after the first (each merges the adapter and "
                              "re-initializes it) and one at train end."}.get(report.get("schedule"))
-        rebuild = ["Each call rebuilt the kept weights under the ForeSight mask (the OBS update, from E[x x^T]).",
+        nm = report["settings"]["pattern"] != "unstructured"
+        rebuild = ["Each call chose the keeps of each group and rebuilt the kept weights by the OBS solve (SparseGPT's "
+                   "rule on W + s*B@A, from E[x x^T])." if nm else
+                   "Each call rebuilt the kept weights under the ForeSight mask (the OBS update, from E[x x^T]).",
                    ""] if report.get("reconstruct") else []
         lines += ["", "## Pruning calls", ""] + ([schedule, ""] if schedule else []) + \
             ([f"Activation statistics {source}.", ""] if source else []) + rebuild + [

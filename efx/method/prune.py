@@ -55,7 +55,9 @@ class PruneConfig:
     reconstruct: bool = False
     """ForeSight methods: after the mask is chosen, update the kept weights of what is pruned (the
     merged W + s*B@A, or W alone without a merge) by SparseGPT's OBS solve under that mask, instead
-    of PBS. Needs E[x x^T] (a calibration pass)."""
+    of PBS. At an N:M pattern the solve also chooses each group's keeps (SparseGPT's rule: the OBS
+    error on the weights updated so far), where ForeSight's row-constant factors would leave
+    |U| * sqrt(E[x^2]). Needs E[x x^T] (a calibration pass)."""
     mask_lr: float = 0.5
     """eta of the score memory S_t = eta*I_t + (1-eta)*S_{t-1}."""
     use_memory: bool = True
@@ -337,7 +339,12 @@ def _prune_module(call: _Call, block: BlockMap, role: str, stats: ModuleStats) -
     nm = parse_pattern(config.pattern)
     sparsity = config.effective_sparsity
     merged = None  # the new W, when SparseGPT's solve forms it
-    if config.method in FORESIGHT_METHODS and nm is not None and not config.use_memory:
+    if config.method == "sparsegpt" or (config.reconstruct and nm is not None):
+        # the solver below chooses it: at N:M ForeSight's factors are constant within a group (row
+        # granularity), so its choice there is |U| * sqrt(E[x^2]); with the rebuild's E[x x^T] at hand
+        # the OBS error on the progressively updated weights chooses instead (retention grid, 2:4)
+        keep = None
+    elif config.method in FORESIGHT_METHODS and nm is not None and not config.use_memory:
         # no score to remember: the fused kernel goes straight from weights to the N:M mask
         keep = efx_kernels.foresight_nm_keep_mask(**score_inputs(call.arch, block, role, stats, config.preset,
                                                                  config.merge), n=nm[0], m=nm[1])
@@ -353,8 +360,6 @@ def _prune_module(call: _Call, block: BlockMap, role: str, stats: ModuleStats) -
             memory.scores.stage(name, kept_score.to(torch.bfloat16))
         keep = select_keep_mask(score, sparsity, config.pattern)
         del score, prev  # 4 + 2 bytes per weight that the merge below does not need
-    elif config.method == "sparsegpt":
-        keep = None  # the solver below chooses it
     else:
         U = efx_kernels.effective_weight(weight, A, B, scale)
         score = baselines.magnitude_score(U) if config.method == "magnitude" else \
@@ -363,7 +368,7 @@ def _prune_module(call: _Call, block: BlockMap, role: str, stats: ModuleStats) -
         del U, score
 
     if config.method == "sparsegpt" or config.reconstruct:
-        # SparseGPT's OBS solve: its own mask, or (reconstruct) the rebuild under the ForeSight mask
+        # SparseGPT's OBS solve: its own mask (also for reconstruct at N:M), or the rebuild under the ForeSight mask
         merged, keep = baselines.sparsegpt(efx_kernels.effective_weight(weight, A, B, scale), stats.hessian,
                                            sparsity, config.pattern, config.sparsegpt_block, config.sparsegpt_damp,
                                            keep=keep)
