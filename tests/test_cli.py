@@ -7,6 +7,7 @@ import torch
 
 from conftest import char_tokenizer, tiny_model
 from efx.cli.main import main
+from efx.evaluation.report import markdown
 
 
 @pytest.fixture
@@ -41,6 +42,13 @@ def test_run_writes_expert_report_and_plots(tiny_setup, capsys):
     # "auto" on the ramp: a calibration pass per call, and each call rebuilds the kept weights
     assert report["statistics"] == "calibration" and report["reconstruct"] and report["record_steps"] is None
     assert "Each call rebuilt the kept weights" in (out / "report.md").read_text()
+    assert "sparsity 0.5 (unstructured)" in (out / "report.md").read_text()
+    # the same report for a 2:4 run names the pattern's sparsity (not --sparsity) and the mask the solve chose
+    report_24 = json.loads(json.dumps(report))
+    report_24["settings"].update(pattern="2:4", sparsity=0.4)
+    text_24 = markdown(report_24)
+    assert "pattern 2:4 (sparsity 0.5)" in text_24 and "sparsity 0.4" not in text_24
+    assert "Each call chose the keeps of each group" in text_24
     for name in ("report.md", "score_per_task.png", "sparsity_per_layer.png", "expert/config.json",
                  "expert_packed/efx_sparse.json"):
         assert (out / name).is_file(), name

@@ -9,6 +9,7 @@ from collections import defaultdict
 from pathlib import Path
 
 from efx.io import atomic_write_text
+from efx.method.foresight import parse_pattern
 
 
 def versions() -> dict:
@@ -76,9 +77,12 @@ def _fmt(value, digits=3):
 def markdown(report: dict) -> str:
     """The human-readable report."""
     s = report["settings"]
+    nm = parse_pattern(s["pattern"])
+    target = f"sparsity {s['sparsity']} (unstructured)" if nm is None else \
+        f"pattern {s['pattern']} (sparsity {1 - nm[0] / nm[1]:g})"
     lines = [f"# efx run: {s['method']} on {s['domain']}", "",
-             f"Model `{s['model'] or 'embedded SmolLM2-135M-Instruct'}`, sparsity {s['sparsity']} "
-             f"({s['pattern']}), preset {s['preset']}, seed {s['seed']}.", ""]
+             f"Model `{s['model'] or 'embedded SmolLM2-135M-Instruct'}`, {target}, preset {s['preset']}, "
+             f"seed {s['seed']}.", ""]
     if s.get("quick"):
         lines += ["**Smoke run (`--quick`)**: a tiny budget and 50 items per task. Its figures show that the "
                   "pipeline works, not what a full run retains.", ""]
@@ -126,9 +130,8 @@ def markdown(report: dict) -> str:
                             "and pruned at train end.",
                     "epoch": "A call at the start of every epoch after the first (each merges the adapter and "
                              "re-initializes it) and one at train end."}.get(report.get("schedule"))
-        nm = report["settings"]["pattern"] != "unstructured"
         rebuild = ["Each call chose the keeps of each group and rebuilt the kept weights by the OBS solve (SparseGPT's "
-                   "rule on W + s*B@A, from E[x x^T])." if nm else
+                   "rule on W + s*B@A, from E[x x^T])." if nm is not None else
                    "Each call rebuilt the kept weights under the ForeSight mask (the OBS update, from E[x x^T]).",
                    ""] if report.get("reconstruct") else []
         lines += ["", "## Pruning calls", ""] + ([schedule, ""] if schedule else []) + \
