@@ -33,6 +33,16 @@ def _versions(v: dict) -> str:
     return f"torch {v['torch']}, transformers {v['transformers']}, peft {v['peft']}, {v['machine']}"
 
 
+def _version_counts(results: dict) -> str:
+    """The library versions of a folder's rows, with how many rows ran each where they differ."""
+    counts: dict[str, int] = {}
+    for row in results.values():
+        counts[_versions(row["versions"])] = counts.get(_versions(row["versions"]), 0) + 1
+    if len(counts) == 1:
+        return next(iter(counts))
+    return "; ".join(f"{v} ({n} rows)" for v, n in sorted(counts.items()))
+
+
 def retention_section() -> list[str]:
     results = _load("domain_retention.json")
     bench = _module("domain_retention")
@@ -90,7 +100,7 @@ def retention_grid_section(folder: str, title: str, budget: str) -> list[str]:
     lines = [f"## {title}", "",
              f"File `benchmarks/results/{folder}/domain_retention.json`: the test items of suite v3 (no test prompt "
              f"a near-duplicate of a training text), {first.get('n_test', 300)} items per task or the whole test "
-             f"pool; {budget}. Versions: {_versions(first['versions'])}. {RAMP}", ""]
+             f"pool; {budget}. Versions: {_version_counts(results)}. {RAMP}", ""]
     lines += [line.replace("### ", "#### ") for line in bench.summary(results)]
     paired = bench.paired(results)
     if paired:
