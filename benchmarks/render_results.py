@@ -10,6 +10,7 @@ import argparse
 import importlib.util
 import json
 import sys
+from collections import Counter
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -35,9 +36,7 @@ def _versions(v: dict) -> str:
 
 def _version_counts(results: dict) -> str:
     """The library versions of a folder's rows, with how many rows ran each where they differ."""
-    counts: dict[str, int] = {}
-    for row in results.values():
-        counts[_versions(row["versions"])] = counts.get(_versions(row["versions"]), 0) + 1
+    counts = Counter(_versions(row["versions"]) for row in results.values())
     if len(counts) == 1:
         return next(iter(counts))
     return "; ".join(f"{v} ({n} rows)" for v, n in sorted(counts.items()))

@@ -10,6 +10,7 @@ from pathlib import Path
 
 from efx.io import atomic_write_text
 from efx.method.foresight import parse_pattern
+from efx.method.prune import PruneConfig
 
 
 def versions() -> dict:
@@ -79,7 +80,7 @@ def markdown(report: dict) -> str:
     s = report["settings"]
     nm = parse_pattern(s["pattern"])
     target = f"sparsity {s['sparsity']} (unstructured)" if nm is None else \
-        f"pattern {s['pattern']} (sparsity {1 - nm[0] / nm[1]:g})"
+        f"pattern {s['pattern']} (sparsity {PruneConfig(pattern=s['pattern']).effective_sparsity:g})"
     lines = [f"# efx run: {s['method']} on {s['domain']}", "",
              f"Model `{s['model'] or 'embedded SmolLM2-135M-Instruct'}`, {target}, preset {s['preset']}, "
              f"seed {s['seed']}.", ""]
