@@ -92,24 +92,24 @@ def matmul_cases(dtypes, ranks, subset: bool) -> list[Case]:
                                 continue
                             cases.append(_matmul_case(sl, jit, kernel_name, fmt, fmt_id, dtype, rank, config,
                                                       configs_tokens, kept, block_for_rank(rank)))
-    if subset:  # one kept config per (kernel, format, tile family): decode and prefill
+    if subset:  # per (kernel, format, token count) the largest kept tile: decode and prefill
         seen, chosen = set(), []
-        for c in cases:
+        for c in reversed(cases):
             key = (c.kernel, c.format, c.tokens)
             if key not in seen and c.dtype == dtypes[0] and c.rank == ranks[0]:
                 seen.add(key)
                 chosen.append(c)
-        cases = chosen
+        cases = chosen[::-1]
     return cases
 
 
 def _matmul_case(sl, jit, kernel_name, fmt, fmt_id, dtype, rank, config, tokens, kept, block_r) -> Case:
     n_out, n_in = INTERMEDIATE, HIDDEN
     elem = "*" + DTYPES[dtype]
-    # w0, w1, w2 as _weight_args passes them: 2:4 values as int32 pairs, int64 position words and
+    # w0, w1, w2 as _weight_args passes them: 2:4 values as int64 quads, int64 position words and
     # the int32 selector table; bitmap values as int32 pairs, int64 mask words and int32 offsets
-    w_types = {"bitmap": ("*i32", "*i64", "*i32"), "2:4": ("*i32", "*i64", "*i32"), "masked": (elem, elem, elem)}[fmt]
-    stride0 = {"bitmap": 0, "2:4": n_in // 4, "masked": n_in}[fmt]
+    w_types = {"bitmap": ("*i32", "*i64", "*i32"), "2:4": ("*i64", "*i64", "*i32"), "masked": (elem, elem, elem)}[fmt]
+    stride0 = {"bitmap": 0, "2:4": n_in // 8, "masked": n_in}[fmt]
     stride1 = {"bitmap": n_in // 64, "2:4": n_in // 64, "masked": 0}[fmt]
     common = dict(n_tokens=tokens, n_out=n_out, n_in=n_in, rank=max(rank, 1) if rank else 0, m_bucket=sl.m_bucket(tokens),
                   stride0=stride0, stride1=stride1)

@@ -14,9 +14,10 @@ GEMMs done by torch.
 Tile conventions: a weight tile is BLOCK_ROWS output features x 64 input features (one 2:4
 position word or one bitmap mask word per row). Every format's weight loads are pipelined with
 the activation load (cp.async into shared memory, num_stages deep). The 2:4 tile is read as one
-int64 position word and sixteen int32 value pairs per row; a group's four lanes are two byte
-permutes (PTX prmt, inline assembly) of its value pair under the two selectors of its position
-nibble, one 8-byte entry of a 16-entry table read through L1, not one masked load per element.
+int64 position word and eight int64 value quads per row (a quad: the value pairs of two adjacent
+groups, whose position nibbles make one byte of the word); a quad's eight lanes are four byte
+permutes (PTX prmt, inline assembly) of its two pairs under the four selectors of its position
+byte, one 16-byte entry of a 256-entry table read through L1, not one masked load per element.
 The bitmap tile is read as one int64 mask word, one offset and one 32-word window of packed
 values per row, and decoded a column pair at a time: two in-warp shuffles fetch the window words
 that hold the pair's elements, a funnel shift aligns them and one prmt places them by the pair's
@@ -24,7 +25,7 @@ two mask bits (inline PTX). The interpreter has no inline assembly and computes 
 tensor arithmetic (EMULATE). Costs per weight, compiled for sm_90: benchmarks/kernel_static.py.
 
 dtypes: the kernels take fp16 and bf16 (16-bit tensor-core dots with fp32 accumulation); fp32
-runs the torch path (`_fused_dtypes`).
+runs the torch path, as do 2:4 weights whose in_features are not a multiple of 8 (`_fused_takes`).
 
 On a GPU both kernels are autotuned, keyed on the token-count bucket (powers of two from 16 to
 1024), the layer shape, the LoRA rank and the format; the interpreter (CPU tests) skips the
@@ -49,14 +50,21 @@ PREFILL_TOKENS = 256  # from here on the 2:4 library path is tried on CUDA
 FUSED_DTYPES = (torch.float16, torch.bfloat16)
 
 
-def _fused_dtypes(x: torch.Tensor, packed: PackedWeight) -> bool:
-    """Whether the fused kernels take these dtypes: they run 16-bit tensor-core dots, so fp32 runs
-    the torch path (cuBLAS) under EFX_KERNELS=auto and is refused under EFX_KERNELS=triton."""
-    if x.dtype in FUSED_DTYPES and packed.dtype in FUSED_DTYPES:
+def _fused_takes(x: torch.Tensor, packed: PackedWeight) -> bool:
+    """Whether the fused kernels take this call: they run 16-bit tensor-core dots, and read 2:4
+    values eight bytes (two groups) at a time, so fp32 and 2:4 weights whose in_features are not a
+    multiple of 8 run the torch path (cuBLAS) under EFX_KERNELS=auto and are refused under
+    EFX_KERNELS=triton."""
+    if x.dtype not in FUSED_DTYPES or packed.dtype not in FUSED_DTYPES:
+        problem = (f"the fused sparse-LoRA kernels take fp16 or bf16, got x {x.dtype} and a {packed.dtype} "
+                   "weight; EFX_KERNELS=auto runs other dtypes on the torch path")
+    elif packed.format == "2:4" and packed.shape[1] % 8:
+        problem = (f"the fused 2:4 kernel reads two groups of four columns at a time and needs in_features "
+                   f"divisible by 8, got {packed.shape[1]}; EFX_KERNELS=auto runs this weight on the torch path")
+    else:
         return True
     if mode() == "triton":
-        raise ValueError(f"the fused sparse-LoRA kernels take fp16 or bf16, got x {x.dtype} and a {packed.dtype} "
-                         "weight; EFX_KERNELS=auto runs other dtypes on the torch path")
+        raise ValueError(problem)
     return False
 
 
@@ -87,7 +95,7 @@ def sparse_lora_linear(x: torch.Tensor, packed: PackedWeight, A: torch.Tensor | 
     lead = x.shape[:-1]
     x2d = x.reshape(-1, n_in)
     lora2d = x2d if lora_input is None else lora_input.reshape(-1, n_in)
-    if use_triton(x2d, A, B) and _fused_dtypes(x2d, packed):
+    if use_triton(x2d, A, B) and _fused_takes(x2d, packed):
         if packed.format == "2:4" and x2d.is_cuda and x2d.shape[0] >= PREFILL_TOKENS and not x2d.requires_grad:
             semi = _semi_structured(packed)
             if semi is not None:
@@ -184,23 +192,30 @@ def _popc(v, EMULATE: tl.constexpr):
 
 
 @triton.jit
-def _place_lanes(pair, nibble, table_ptr, EMULATE: tl.constexpr):
-    """The four 16-bit lanes (int16) of a 2:4 group from its value pair and position nibble: the
-    group's two prmt selectors are entry `nibble` of `selector_table` (8 bytes: lanes 0-1, lanes
-    2-3); lanes 0-1 = prmt(pair, 0, low selector), lanes 2-3 = prmt(pair, 0, high selector).
-    On the GPU one inline-PTX block: the entry's address (mad.wide), one 8-byte read-only load
-    through L1 (a data-dependent read of a 128-byte table, kept out of the software pipeline),
-    and two prmt. EMULATE (the interpreter) loads the entry and computes the same bits with _prmt."""
+def _place_quad(quad, byte, table_ptr, EMULATE: tl.constexpr):
+    """The eight 16-bit lanes of two adjacent 2:4 groups, as four int32 words (lanes 0-1, 2-3, 4-5,
+    6-7), from their four values (int64: the first group's pair in the low word) and their two
+    position nibbles (`byte`: the first group's in bits 0-3): entry `byte` of `selector_table`
+    holds the four prmt selectors (16 bytes), and each word is one prmt of its group's pair.
+    On the GPU one inline-PTX block: the entry's address (mad.wide), one 16-byte read-only load
+    through L1 (a data-dependent read of a 4 KB table, kept out of the software pipeline) and four
+    prmt. EMULATE (the interpreter) loads the entry and computes the same bits with _prmt."""
     if EMULATE:
-        low = _prmt(pair, tl.load(table_ptr + 2 * nibble))
-        high = _prmt(pair, tl.load(table_ptr + 2 * nibble + 1))
-    else:  # two 32-bit results: the tile's stores take them as they are (no repacking moves)
-        low, high = tl.inline_asm_elementwise(
-            "{ .reg .b32 s, u; .reg .b64 a; mad.wide.u32 a, $3, 8, $4; ld.global.nc.v2.b32 {s, u}, [a]; "
-            "prmt.b32 $0, $2, 0, s; prmt.b32 $1, $2, 0, u; }",
-            "=r,=r,r,r,l", args=[pair, nibble, table_ptr.to(tl.int64, bitcast=True)],
-            dtype=(tl.int32, tl.int32), is_pure=True, pack=1)
-    return low.to(tl.int16), (low >> 16).to(tl.int16), high.to(tl.int16), (high >> 16).to(tl.int16)
+        first = (quad & 0xFFFFFFFF).to(tl.int32)
+        second = (quad >> 32).to(tl.int32)
+        entry = table_ptr + 4 * byte
+        w0 = _prmt(first, tl.load(entry))
+        w1 = _prmt(first, tl.load(entry + 1))
+        w2 = _prmt(second, tl.load(entry + 2))
+        w3 = _prmt(second, tl.load(entry + 3))
+    else:
+        w0, w1, w2, w3 = tl.inline_asm_elementwise(
+            "{ .reg .b32 s0, s1, s2, s3, v0, v1; .reg .b64 a; mov.b64 {v0, v1}, $4; mad.wide.u32 a, $5, 16, $6; "
+            "ld.global.nc.v4.b32 {s0, s1, s2, s3}, [a]; prmt.b32 $0, v0, 0, s0; prmt.b32 $1, v0, 0, s1; "
+            "prmt.b32 $2, v1, 0, s2; prmt.b32 $3, v1, 0, s3; }",
+            "=r,=r,=r,=r,l,r,l", args=[quad, byte, table_ptr.to(tl.int64, bitcast=True)],
+            dtype=(tl.int32, tl.int32, tl.int32, tl.int32), is_pure=True, pack=1)
+    return w0, w1, w2, w3
 
 
 # the prmt selector of a bitmap column pair by its two mask bits (0 neither column kept, 1 the
@@ -241,8 +256,8 @@ def _weight_tile(w0_ptr, w1_ptr, w2_ptr, row0, k0, n_rows, n_cols, stride0, stri
     W; rows past W repeat its last row.
 
     bitmap: w0 = the values read as int32 pairs, w1 = the int64 mask words, w2 = the segments'
-    value offsets (units of ALIGN elements); 2:4: w0 = the values read as int32 pairs (one per
-    group of four columns), w1 = the int64 position words, w2 = the prmt selector table
+    value offsets (units of ALIGN elements); 2:4: w0 = the values read as int64 quads (one per
+    two groups of four columns), w1 = the int64 position words, w2 = the prmt selector table
     (`selector_table`); masked: w0 = the dense weight. VALUES is the weight dtype (2:4 and bitmap
     rebuild their elements from their bits).
     """
@@ -274,19 +289,20 @@ def _weight_tile(w0_ptr, w1_ptr, w2_ptr, row0, k0, n_rows, n_cols, stride0, stri
         l1 = (pair >> 16).to(tl.int16).to(VALUES, bitcast=True)
         tile = tl.reshape(tl.join(l0, l1), (BLOCK_ROWS, 64))
     elif FORMAT == 1:
-        # one int64 word of positions per row and 64 columns, the 16 value pairs as one vector
-        groups = tl.arange(0, 16)
+        # one int64 word of positions per row and 64 columns; the values as eight int64 quads, each
+        # the two value pairs of two adjacent groups, whose two nibbles are one byte of the word
+        quads = tl.arange(0, 8)
         word = tl.load(w1_ptr + held * stride1 + k0 // 64)
-        nibble = (word[:, None] >> (groups * 4).to(tl.int64)[None, :]).to(tl.int32) & 0xF
-        pair = tl.load(w0_ptr + held[:, None] * stride0 + (k0 // 4 + groups)[None, :],
-                       mask=((k0 // 4 + groups) < n_cols // 4)[None, :], other=0)
-        # the group's byte-permute selectors, looked up by its position nibble (selector_table)
-        l0, l1, l2, l3 = _place_lanes(pair, nibble, w2_ptr, EMULATE)
-        l0 = l0.to(VALUES, bitcast=True)
-        l1 = l1.to(VALUES, bitcast=True)
-        l2 = l2.to(VALUES, bitcast=True)
-        l3 = l3.to(VALUES, bitcast=True)
-        tile = tl.reshape(tl.join(tl.join(l0, l2), tl.join(l1, l3)), (BLOCK_ROWS, 64))
+        byte = (word[:, None] >> (quads * 8).to(tl.int64)[None, :]).to(tl.int32) & 0xFF
+        quad = tl.load(w0_ptr + held[:, None] * stride0 + (k0 // 8 + quads)[None, :],
+                       mask=((k0 // 8 + quads) < n_cols // 8)[None, :], other=0)
+        words = _place_quad(quad, byte, w2_ptr, EMULATE)
+        lanes = [(w.to(tl.int16).to(VALUES, bitcast=True), (w >> 16).to(tl.int16).to(VALUES, bitcast=True))
+                 for w in words]
+        # lane 4i + 2j + k of the quad: word 2i + j, half k
+        tile = tl.join(tl.join(tl.join(lanes[0][0], lanes[2][0]), tl.join(lanes[1][0], lanes[3][0])),
+                       tl.join(tl.join(lanes[0][1], lanes[2][1]), tl.join(lanes[1][1], lanes[3][1])))
+        tile = tl.reshape(tile, (BLOCK_ROWS, 64))
     else:
         tile = tl.load(w0_ptr + held[:, None] * stride0 + cols[None, :], mask=(cols < n_cols)[None, :], other=0.0)
     return tile
@@ -387,20 +403,22 @@ _SELECTORS: dict = {}
 
 
 def selector_table(device) -> torch.Tensor:
-    """The prmt selectors of a 2:4 group, int32 (16, 2), row = its position nibble p0 | p1 << 2:
-    the selector word `0x44444444 ^ 0x54 << 8*p0 ^ 0x76 << 8*p1` (byte j names the source of lane
+    """The prmt selectors of two adjacent 2:4 groups, int32 (256, 4), row = their position byte
+    (the first group's nibble p0 | p1 << 2 in bits 0-3, the second's in bits 4-7). A group's
+    selector word is `0x44444444 ^ 0x54 << 8*p0 ^ 0x76 << 8*p1` (byte j names the source of lane
     j's low or high byte half: 0x10 the first value's two bytes, 0x32 the second's, 0x44 a zero
-    byte), so lane p0 takes the first value and lane p1 the second; column 0 is the word (lanes 0-1
-    read its low 16 bits), column 1 the word >> 16 (lanes 2-3). One 128-byte table per device,
-    128-byte aligned so that it is one L1 line."""
+    byte), so lane p0 takes the first value and lane p1 the second; the row holds the first
+    group's word and that word >> 16 (its lanes 0-1 and 2-3 read the low 16 bits), then the
+    second group's. One 4 KB table per device, 128-byte aligned (32 L1 lines)."""
     key = str(device)
     if key not in _SELECTORS:
         words = [0x44444444 ^ (0x54 << 8 * (nib & 3)) ^ (0x76 << 8 * (nib >> 2)) for nib in range(16)]
-        signed = [[w - (1 << 32) if w >= 1 << 31 else w, w >> 16] for w in words]
-        storage = torch.zeros(64, dtype=torch.int32, device=device)  # room to start at a 128-byte boundary
+        group = [[w - (1 << 32) if w >= 1 << 31 else w, w >> 16] for w in words]
+        rows = [group[byte & 0xF] + group[byte >> 4] for byte in range(256)]
+        storage = torch.zeros(1024 + 32, dtype=torch.int32, device=device)  # room to start at a 128-byte boundary
         skip = (-storage.data_ptr() % 128) // 4
-        table = storage[skip:skip + 32].view(16, 2)
-        table.copy_(torch.tensor(signed, dtype=torch.int32))
+        table = storage[skip:skip + 1024].view(256, 4)
+        table.copy_(torch.tensor(rows, dtype=torch.int32))
         _SELECTORS[key] = table
     return _SELECTORS[key]
 
@@ -410,8 +428,8 @@ def _weight_args(packed: PackedWeight):
     if packed.format == "bitmap":
         return t["values"].view(torch.int32), t["bitmap"], t["offsets"], 0, t["bitmap"].stride(0)
     if packed.format == "2:4":
-        pairs = t["values"].view(torch.int32)
-        return pairs, t["meta"], selector_table(pairs.device), pairs.stride(0), t["meta"].stride(0)
+        quads = t["values"].view(torch.int64)
+        return quads, t["meta"], selector_table(quads.device), quads.stride(0), t["meta"].stride(0)
     return t["weight"], t["weight"], t["weight"], t["weight"].stride(0), 0
 
 

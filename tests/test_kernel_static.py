@@ -23,8 +23,8 @@ def load_script():
 
 @pytest.mark.skipif(not triton_available(), reason="Triton is not installed")
 def test_every_kernel_compiles_for_sm90_and_kept_configs_neither_spill_nor_overflow(tmp_path):
-    """A subset (bf16, r 16, one kept config per kernel and tile family): a compile error, a spill or
-    shared memory over 227 KB in a kept config makes the check exit 1."""
+    """A subset (bf16, r 16, the largest kept tile per kernel, format and token count): a compile
+    error, a spill or shared memory over 227 KB in a kept config makes the check exit 1."""
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     out = tmp_path / "static.json"
     done = subprocess.run([sys.executable, str(SCRIPT), "--arch", "sm_90", "--subset", "--output", str(out)],
@@ -39,8 +39,14 @@ def test_every_kernel_compiles_for_sm90_and_kept_configs_neither_spill_nor_overf
         assert "error" not in r and r["regs"] > 0 and r["spill_bytes"] == 0 and r["smem_ok"], r
         assert r["instructions_per_weight"] > 0
     assert all(r["tensor_core"] for r in records if r["kernel"] in ("forward", "grad_input"))
-    # the 2:4 decode reads words and value pairs, not one masked load per element (that took 24-31)
-    assert all(r["instructions_per_weight"] < 12 for r in records if r["kernel"] == "forward" and r["format"] == "2:4")
+    # the 2:4 forward decodes two groups per table read and four prmt: at most twice the instructions
+    # per weight of the dense-with-zeros format at the same tile (one 8-byte entry per group took 2.8x
+    # at the 16 x 128 decode tile; one masked load per element 8-10x)
+    per_weight = {(r["format"], r["tokens"], r["config"]["BLOCK_M"], r["config"]["BLOCK_ROWS"]):
+                  r["instructions_per_weight"] for r in records if r["kernel"] == "forward"}
+    for (fmt, tokens, bm, br), cost in per_weight.items():
+        if fmt == "2:4":
+            assert cost <= 2 * per_weight["masked", tokens, bm, br], (tokens, bm, br)
 
 
 def test_main_loop_is_the_largest_backward_branch():
