@@ -17,7 +17,8 @@ the activation load (cp.async into shared memory, num_stages deep). The 2:4 tile
 int64 position word and eight int64 value quads per row (a quad: the value pairs of two adjacent
 groups, whose position nibbles make one byte of the word); a quad's eight lanes are four byte
 permutes (PTX prmt, inline assembly) of its two pairs under the four selectors of its position
-byte, one 16-byte entry of a 256-entry table read through L1, not one masked load per element.
+byte, the 16 bytes of one row of a 256-row table read through L1, whose address is one more prmt
+(the table is 64 KB aligned), not one masked load per element.
 The bitmap tile is read as one int64 mask word, one offset and one 32-word window of packed
 values per row, and decoded a column pair at a time: two in-warp shuffles fetch the window words
 that hold the pair's elements, a funnel shift aligns them and one prmt places them by the pair's
@@ -191,29 +192,45 @@ def _popc(v, EMULATE: tl.constexpr):
     return count
 
 
+# the prmt selector of a 2:4 selector row's address: bytes 0, 2 and 3 of the table's address
+# (the second source), byte 1 = byte b of the first source (the position word's half), b = 0-3
+# in bits 4-7 of the selector
+ROW_ADDRESS = 0x7604
+if tl.constexpr is not None:
+    _ROW_ADDRESS = tl.constexpr(ROW_ADDRESS)
+
+
 @triton.jit
-def _place_quad(quad, byte, table_ptr, EMULATE: tl.constexpr):
+def _place_quad(quad, word, index, table_ptr, EMULATE: tl.constexpr):
     """The eight 16-bit lanes of two adjacent 2:4 groups, as four int32 words (lanes 0-1, 2-3, 4-5,
     6-7), from their four values (int64: the first group's pair in the low word) and their two
-    position nibbles (`byte`: the first group's in bits 0-3): entry `byte` of `selector_table`
-    holds the four prmt selectors (16 bytes), and each word is one prmt of its group's pair.
-    On the GPU one inline-PTX block: the entry's address (mad.wide), one 16-byte read-only load
-    through L1 (a data-dependent read of a 4 KB table, kept out of the software pipeline) and four
-    prmt. EMULATE (the interpreter) loads the entry and computes the same bits with _prmt."""
+    position nibbles, byte `index` of the row's position word `word` (the first group's in bits
+    0-3): row `byte` of `selector_table` holds the four prmt selectors (16 bytes), and each word
+    is one prmt of its group's pair. On the GPU one inline-PTX block: a funnel shift takes the
+    word's half that holds the byte, one prmt writes the byte into bits 8-15 of the table's
+    address (64 KB aligned, 256-byte rows: the row's address is the table's with that byte
+    replaced, no 64-bit arithmetic), one 16-byte read-only load through L1 (a data-dependent read,
+    kept out of the software pipeline) and four prmt. EMULATE (the interpreter) computes the
+    same bits in tensor arithmetic and with _prmt."""
+    select = _ROW_ADDRESS | ((index & 3) << 4)
+    half = (index >> 2) * 32
     if EMULATE:
         first = (quad & 0xFFFFFFFF).to(tl.int32)
         second = (quad >> 32).to(tl.int32)
-        entry = table_ptr + 4 * byte
+        t = (word >> half.to(tl.int64)).to(tl.int32)
+        entry = table_ptr + 64 * ((_prmt(t, select) >> 8) & 0xFF)
         w0 = _prmt(first, tl.load(entry))
         w1 = _prmt(first, tl.load(entry + 1))
         w2 = _prmt(second, tl.load(entry + 2))
         w3 = _prmt(second, tl.load(entry + 3))
     else:
         w0, w1, w2, w3 = tl.inline_asm_elementwise(
-            "{ .reg .b32 s0, s1, s2, s3, v0, v1; .reg .b64 a; mov.b64 {v0, v1}, $4; mad.wide.u32 a, $5, 16, $6; "
+            "{ .reg .b32 s0, s1, s2, s3, v0, v1, h0, h1, t, b0, b1, lo; .reg .b64 a; mov.b64 {v0, v1}, $4; "
+            "mov.b64 {h0, h1}, $5; shf.r.clamp.b32 t, h0, h1, $7; mov.b64 {b0, b1}, $8; prmt.b32 lo, t, b0, $6; "
+            "mov.b64 a, {lo, b1}; "
             "ld.global.nc.v4.b32 {s0, s1, s2, s3}, [a]; prmt.b32 $0, v0, 0, s0; prmt.b32 $1, v0, 0, s1; "
             "prmt.b32 $2, v1, 0, s2; prmt.b32 $3, v1, 0, s3; }",
-            "=r,=r,=r,=r,l,r,l", args=[quad, byte, table_ptr.to(tl.int64, bitcast=True)],
+            "=r,=r,=r,=r,l,l,r,r,l", args=[quad, word, select, half, table_ptr.to(tl.int64, bitcast=True)],
             dtype=(tl.int32, tl.int32, tl.int32, tl.int32), is_pure=True, pack=1)
     return w0, w1, w2, w3
 
@@ -293,10 +310,9 @@ def _weight_tile(w0_ptr, w1_ptr, w2_ptr, row0, k0, n_rows, n_cols, stride0, stri
         # the two value pairs of two adjacent groups, whose two nibbles are one byte of the word
         quads = tl.arange(0, 8)
         word = tl.load(w1_ptr + held * stride1 + k0 // 64)
-        byte = (word[:, None] >> (quads * 8).to(tl.int64)[None, :]).to(tl.int32) & 0xFF
         quad = tl.load(w0_ptr + held[:, None] * stride0 + (k0 // 8 + quads)[None, :],
                        mask=((k0 // 8 + quads) < n_cols // 8)[None, :], other=0)
-        words = _place_quad(quad, byte, w2_ptr, EMULATE)
+        words = _place_quad(quad, word[:, None], quads[None, :], w2_ptr, EMULATE)
         lanes = [(w.to(tl.int16).to(VALUES, bitcast=True), (w >> 16).to(tl.int16).to(VALUES, bitcast=True))
                  for w in words]
         # lane 4i + 2j + k of the quad: word 2i + j, half k
@@ -403,22 +419,24 @@ _SELECTORS: dict = {}
 
 
 def selector_table(device) -> torch.Tensor:
-    """The prmt selectors of two adjacent 2:4 groups, int32 (256, 4), row = their position byte
-    (the first group's nibble p0 | p1 << 2 in bits 0-3, the second's in bits 4-7). A group's
-    selector word is `0x44444444 ^ 0x54 << 8*p0 ^ 0x76 << 8*p1` (byte j names the source of lane
-    j's low or high byte half: 0x10 the first value's two bytes, 0x32 the second's, 0x44 a zero
-    byte), so lane p0 takes the first value and lane p1 the second; the row holds the first
-    group's word and that word >> 16 (its lanes 0-1 and 2-3 read the low 16 bits), then the
-    second group's. One 4 KB table per device, 128-byte aligned (32 L1 lines)."""
+    """The prmt selectors of two adjacent 2:4 groups, int32 (256, 64), row = their position byte
+    (the first group's nibble p0 | p1 << 2 in bits 0-3, the second's in bits 4-7), in the row's
+    first four words. A group's selector word is `0x44444444 ^ 0x54 << 8*p0 ^ 0x76 << 8*p1` (byte
+    j names the source of lane j's low or high byte half: 0x10 the first value's two bytes, 0x32
+    the second's, 0x44 a zero byte), so lane p0 takes the first value and lane p1 the second; the
+    row holds the first group's word and that word >> 16 (its lanes 0-1 and 2-3 read the low 16
+    bits), then the second group's. One 64 KB table per device, 64 KB aligned, so that a row's
+    address is the table's with the byte in bits 8-15 (one prmt in the kernel); the kernel reads
+    the 16 bytes of the rows the weights use (at most 36 of 256 are valid 2:4 bytes) through L1."""
     key = str(device)
     if key not in _SELECTORS:
         words = [0x44444444 ^ (0x54 << 8 * (nib & 3)) ^ (0x76 << 8 * (nib >> 2)) for nib in range(16)]
         group = [[w - (1 << 32) if w >= 1 << 31 else w, w >> 16] for w in words]
         rows = [group[byte & 0xF] + group[byte >> 4] for byte in range(256)]
-        storage = torch.zeros(1024 + 32, dtype=torch.int32, device=device)  # room to start at a 128-byte boundary
-        skip = (-storage.data_ptr() % 128) // 4
-        table = storage[skip:skip + 1024].view(256, 4)
-        table.copy_(torch.tensor(rows, dtype=torch.int32))
+        storage = torch.zeros(2 * 16384, dtype=torch.int32, device=device)  # room to start at a 64 KB boundary
+        skip = (-storage.data_ptr() % 65536) // 4
+        table = storage[skip:skip + 16384].view(256, 64)
+        table[:, :4] = torch.tensor(rows, dtype=torch.int32)
         _SELECTORS[key] = table
     return _SELECTORS[key]
 

@@ -190,22 +190,30 @@ def prmt(a: int, b: int, selector: int) -> int:
 def test_the_byte_permute_selectors_place_what_the_masks_keep():
     """The constants of the GPU decode's inline PTX, which the interpreter cannot run: a 2:4
     group's two selectors (selector_table, by the position byte of two groups) put its value pair
-    at its two positions; a bitmap
+    at its two positions, and ROW_ADDRESS makes a row's address from the byte; a bitmap
     column pair's selector, picked from PAIR_SELECTORS by prmt with index 0x10 + 0x22 * bits as
     the inline PTX does, puts element c (the pair word's low half) where the pair's mask bits say."""
-    from efx_kernels.sparse_lora import PAIR_SELECTORS, selector_table
+    from efx_kernels.sparse_lora import PAIR_SELECTORS, ROW_ADDRESS, selector_table
     table = selector_table("cpu")
     first, second = 0xAAAA, 0xBBBB
     pair = first | second << 16
     nibbles = [p0 | p1 << 2 for p0 in range(4) for p1 in range(p0 + 1, 4)]
     for nib_a in nibbles:
         for nib_b in nibbles:
-            entry = [int(v) & 0xFFFFFFFF for v in table[nib_a | nib_b << 4]]
+            entry = [int(v) & 0xFFFFFFFF for v in table[nib_a | nib_b << 4, :4]]
             for group, nib in enumerate((nib_a, nib_b)):
                 low, high = entry[2 * group], entry[2 * group + 1]
                 lanes = [prmt(pair, 0, low) & 0xFFFF, prmt(pair, 0, low) >> 16,
                          prmt(pair, 0, high) & 0xFFFF, prmt(pair, 0, high) >> 16]
                 assert lanes == [first if j == nib & 3 else second if j == nib >> 2 else 0 for j in range(4)]
+    # the row's address: the half of the position word that holds byte i (shf.r.clamp by 32 * (i >> 2)),
+    # then one prmt into the 64 KB aligned table's address
+    word, base = 0x8877665544332211, table.data_ptr()
+    assert base % 65536 == 0 and table.stride() == (64, 1)
+    for i in range(8):
+        half = word >> 32 * (i >> 2) & 0xFFFFFFFF
+        low = prmt(half, base & 0xFFFFFFFF, ROW_ADDRESS | (i & 3) << 4)
+        assert (base >> 32 << 32 | low) == base + 256 * (word >> 8 * i & 0xFF), i
     element, following = 0x1234, 0x5678  # elements c and c + 1, after the shift by c % 2 halves
     for bits in range(4):
         selector = prmt(*PAIR_SELECTORS, 0x10 + 0x22 * bits) & 0xFFFF
