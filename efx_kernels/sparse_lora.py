@@ -192,12 +192,21 @@ def _popc(v, EMULATE: tl.constexpr):
     return count
 
 
+# the prmt selector of a bitmap column pair by its two mask bits (0 neither column kept, 1 the
+# first, 2 the second, 3 both), 16 bits each: the selectors of bits 0-1 in the first word, 2-3 in
+# the second; element c of the segment is the pair word's bytes 0-1, and 0x4 names a zero byte
+PAIR_SELECTORS = (0x44104444, 0x32101044)
 # the prmt selector of a 2:4 selector row's address: bytes 0, 2 and 3 of the table's address
 # (the second source), byte 1 = byte b of the first source (the position word's half), b = 0-3
 # in bits 4-7 of the selector
 ROW_ADDRESS = 0x7604
-if tl.constexpr is not None:
+if tl.constexpr is not None:  # the kernels' view of them (Triton installed)
     _ROW_ADDRESS = tl.constexpr(ROW_ADDRESS)
+    _PAIR_LOW, _PAIR_HIGH = tl.constexpr(PAIR_SELECTORS[0]), tl.constexpr(PAIR_SELECTORS[1])
+    _PAIR_ASM = tl.constexpr(
+        "{ .reg .b32 t, k; shl.b32 t, $3, 4; shf.r.wrap.b32 t, $1, $2, t; shr.b32 k, $4, $5; and.b32 k, k, 3; "
+        f"mad.lo.u32 k, k, 0x22, 0x10; prmt.b32 k, {PAIR_SELECTORS[0]:#x}, {PAIR_SELECTORS[1]:#x}, k; "
+        "prmt.b32 $0, t, 0, k; }")
 
 
 @triton.jit
@@ -233,18 +242,6 @@ def _place_quad(quad, word, index, table_ptr, EMULATE: tl.constexpr):
             "=r,=r,=r,=r,l,l,r,r,l", args=[quad, word, select, half, table_ptr.to(tl.int64, bitcast=True)],
             dtype=(tl.int32, tl.int32, tl.int32, tl.int32), is_pure=True, pack=1)
     return w0, w1, w2, w3
-
-
-# the prmt selector of a bitmap column pair by its two mask bits (0 neither column kept, 1 the
-# first, 2 the second, 3 both), 16 bits each: the selectors of bits 0-1 in the first word, 2-3 in
-# the second; element c of the segment is the pair word's bytes 0-1, and 0x4 names a zero byte
-PAIR_SELECTORS = (0x44104444, 0x32101044)
-if tl.constexpr is not None:  # the kernels' view of them (Triton installed)
-    _PAIR_LOW, _PAIR_HIGH = tl.constexpr(PAIR_SELECTORS[0]), tl.constexpr(PAIR_SELECTORS[1])
-    _PAIR_ASM = tl.constexpr(
-        "{ .reg .b32 t, k; shl.b32 t, $3, 4; shf.r.wrap.b32 t, $1, $2, t; shr.b32 k, $4, $5; and.b32 k, k, 3; "
-        f"mad.lo.u32 k, k, 0x22, 0x10; prmt.b32 k, {PAIR_SELECTORS[0]:#x}, {PAIR_SELECTORS[1]:#x}, k; "
-        "prmt.b32 $0, t, 0, k; }")
 
 
 @triton.jit
