@@ -13,6 +13,9 @@ kernel per weight element of a program, per thread). This is a proxy, not a spee
 configs that spill, overflow shared memory or decode one element at a time. The launch is
 specialized as a real call is: 16-aligned pointers and sizes divisible by 16 get Triton's
 divisibility hint, and a size of 1 becomes a constant.
+
+A cold run compiles every case and runs ptxas and nvdisasm on it (minutes); what it derives is kept
+in Triton's cache beside each kernel, so a run with a warm cache takes seconds.
 """
 from __future__ import annotations
 
@@ -175,9 +178,10 @@ def pruning_cases(dtypes, ranks, subset: bool) -> list[Case]:
             if rank <= pbs.MAX_FUSED_RANK:
                 solve_pointers = {"w_ptr": elem, "a_ptr": elem, "b_ptr": elem, "prune_ptr": "*i8", "g_ptr": "*fp32",
                                   "out_ptr": "*fp32"}
-                cases.append(Case("pbs_row_solve", dtype, rank, {"BLOCK_N": 64, "num_warps": 4, "num_stages": 3},
-                                  weights_per_iteration=64, jit=pbs._pbs_row_solve_kernel,
-                                  constexprs=dict(BLOCK_N=64, BLOCK_R=block_r),
+                columns = pbs.row_solve_columns(block_r)
+                cases.append(Case("pbs_row_solve", dtype, rank, {"BLOCK_N": columns, "num_warps": 4, "num_stages": 3},
+                                  weights_per_iteration=columns, jit=pbs._pbs_row_solve_kernel,
+                                  constexprs=dict(BLOCK_N=columns, BLOCK_R=block_r),
                                   args={"values": dict(n_cols=n, rank=rank, scale=2.0, keep_weight=0.5, ridge=1e-8,
                                                        stride_w=n, stride_a=n, stride_b=rank, stride_prune=n,
                                                        stride_out=rank),
@@ -215,6 +219,31 @@ def compile_case(case: Case, arch: str) -> dict:
         record.update(error=f"{type(err).__name__}: {str(err)[:300]}")
         return record
     record["compile_seconds"] = time.perf_counter() - started
+    facts = binary_facts(compiled, capability)
+    record["regs"], record["spill_bytes"] = facts["regs"], facts["spill_bytes"]
+    record["smem_bytes"] = compiled.metadata.shared
+    record["smem_ok"] = compiled.metadata.shared <= SMEM_LIMIT[arch]
+    threads = 32 * case.config["num_warps"]
+    loop = facts["loop_instructions"]
+    instructions = facts["instructions"] if case.whole_kernel or loop is None else loop
+    record["loop_instructions"] = loop
+    record["instructions_per_weight"] = instructions / (case.weights_per_iteration / threads)
+    record["tensor_core"] = facts["tensor_core"]
+    return record
+
+
+FACTS = "efx_static_v1.json"  # rename when binary_facts derives something new
+
+
+def binary_facts(compiled, capability: int) -> dict:
+    """Registers and spills (`ptxas -v` on the kernel's PTX) and SASS counts (`nvdisasm` of its
+    cubin) of a compiled kernel. Stored in Triton's cache under the kernel's hash, so a run whose
+    kernels are all cached reads them instead of running the tools (seconds, not minutes)."""
+    from triton.runtime.cache import get_cache_manager
+    cache = get_cache_manager(compiled.hash)
+    stored = cache.get_file(FACTS)
+    if stored:
+        return json.loads(Path(stored).read_text())
     with tempfile.TemporaryDirectory() as tmp:
         cubin, ptx = Path(tmp) / "k.cubin", Path(tmp) / "k.ptx"
         cubin.write_bytes(compiled.asm["cubin"])
@@ -226,17 +255,13 @@ def compile_case(case: Case, arch: str) -> dict:
         sass = subprocess.run([_tool("nvdisasm"), "-c", str(cubin)], capture_output=True, text=True).stdout
     regs = re.search(r"Used (\d+) registers", usage)
     spills = re.search(r"(\d+) bytes spill stores, (\d+) bytes spill loads", usage)
-    record["regs"] = int(regs.group(1)) if regs else None
-    record["spill_bytes"] = max(int(spills.group(1)), int(spills.group(2))) if spills else None
-    record["smem_bytes"] = compiled.metadata.shared
-    record["smem_ok"] = compiled.metadata.shared <= SMEM_LIMIT[arch]
-    threads = 32 * case.config["num_warps"]
-    loop = main_loop_instructions(sass)
-    instructions = count_instructions(sass) if case.whole_kernel or loop is None else loop
-    record["loop_instructions"] = loop
-    record["instructions_per_weight"] = instructions / (case.weights_per_iteration / threads)
-    record["tensor_core"] = bool(re.search(r"\b(HGMMA|HMMA|IMMA)\b", sass))
-    return record
+    facts = {"regs": int(regs.group(1)) if regs else None,
+             "spill_bytes": max(int(spills.group(1)), int(spills.group(2))) if spills else None,
+             "loop_instructions": main_loop_instructions(sass), "instructions": count_instructions(sass),
+             "tensor_core": bool(re.search(r"\b(HGMMA|HMMA|IMMA)\b", sass))}
+    if facts["regs"] is not None and sass:  # a tool that failed leaves nothing to reuse
+        cache.put(json.dumps(facts), FACTS, binary=False)
+    return facts
 
 
 _INSTRUCTION = re.compile(r"^\s*/\*[0-9a-f]{4,}\*/\s+(@!?U?P\w+\s+)?[A-Z][A-Z0-9_.]*")

@@ -285,7 +285,14 @@ def _pbs_row_solve_kernel(out_ptr, w_ptr, a_ptr, b_ptr, prune_ptr, g_ptr, n_cols
 
 
 
-def row_solve_triton(W, A, B, scale, prune_mask, act_sq, keep_weight, ridge, block_n=64) -> torch.Tensor:
+def row_solve_columns(block_r: int) -> int:
+    """Columns per step of the fused row solve: 64, and 16 from a rank side of 64 on, where the fp32
+    dot of a 64-column step took 255 registers and spilled 516 bytes on sm_80 (16: 128 registers,
+    no spill on sm_80 or sm_90; benchmarks/kernel_static.py)."""
+    return 64 if block_r < 64 else 16
+
+
+def row_solve_triton(W, A, B, scale, prune_mask, act_sq, keep_weight, ridge) -> torch.Tensor:
     """dB (m, r) fp32 for 0 < keep_weight, Grams and solves fused per row (r <= MAX_FUSED_RANK)."""
     if not keep_weight > 0:
         raise ValueError("the fused PBS row solve needs keep_weight > 0 (keep_weight 0 is solved in fp64 by torch)")
@@ -293,10 +300,11 @@ def row_solve_triton(W, A, B, scale, prune_mask, act_sq, keep_weight, ridge, blo
     prune = prune_mask.to(torch.int8).contiguous()
     m, n = W.shape
     r = A.shape[0]
+    block_r = block_for_rank(r)
     out = torch.empty((m, r), dtype=torch.float32, device=W.device)
     _pbs_row_solve_kernel[(m,)](out, W, A, B, prune, act_sq.float().contiguous(), n, r, float(scale),
                                 float(keep_weight), float(ridge), W.stride(0), A.stride(0), B.stride(0),
-                                prune.stride(0), out.stride(0), BLOCK_N=block_n, BLOCK_R=block_for_rank(r))
+                                prune.stride(0), out.stride(0), BLOCK_N=row_solve_columns(block_r), BLOCK_R=block_r)
     return out
 
 

@@ -353,6 +353,18 @@ def m_bucket(n_tokens: int) -> int:
     return max(16, min(triton.next_power_of_2(max(n_tokens, 1)), 1024))
 
 
+@triton.jit
+def _program_row(EMULATE: tl.constexpr):
+    """tl.program_id(1) read again after the main loop (PTX %ctaid.y in an inline block the compiler
+    may not merge with the first read), so the row offset is not live across the loop: carried
+    across it, ptxas spilled it at 72 registers (the bitmap forward without LoRA, 16 x 64 tiles)."""
+    if EMULATE:
+        row = tl.program_id(1)
+    else:
+        row = tl.inline_asm_elementwise("mov.u32 $0, %ctaid.y;", "=r", [], dtype=tl.int32, is_pure=False, pack=1)
+    return row
+
+
 @_autotuned
 @triton.jit
 def _forward_kernel(y_ptr, x_ptr, w0_ptr, w1_ptr, w2_ptr, xa_ptr, b_ptr, bias_ptr, n_tokens, n_out, n_in, rank,
@@ -361,7 +373,6 @@ def _forward_kernel(y_ptr, x_ptr, w0_ptr, w1_ptr, w2_ptr, xa_ptr, b_ptr, bias_pt
                     EMULATE: tl.constexpr,
                     BLOCK_M: tl.constexpr, BLOCK_ROWS: tl.constexpr, BLOCK_R: tl.constexpr):
     tokens = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
-    rows = tl.program_id(1) * BLOCK_ROWS + tl.arange(0, BLOCK_ROWS)
     acc = tl.zeros((BLOCK_M, BLOCK_ROWS), dtype=tl.float32)
     for k0 in range(0, n_in, 64):
         cols = k0 + tl.arange(0, 64)
@@ -370,6 +381,7 @@ def _forward_kernel(y_ptr, x_ptr, w0_ptr, w1_ptr, w2_ptr, xa_ptr, b_ptr, bias_pt
         w = _weight_tile(w0_ptr, w1_ptr, w2_ptr, tl.program_id(1) * BLOCK_ROWS, k0, n_out, n_in, stride0, stride1,
                          FORMAT, BLOCK_ROWS, VALUES, EMULATE)
         acc += tl.dot(x, tl.trans(w.to(x.dtype)))
+    rows = _program_row(EMULATE) * BLOCK_ROWS + tl.arange(0, BLOCK_ROWS)
     if HAS_LORA:
         ranks = tl.arange(0, BLOCK_R)
         xa = tl.load(xa_ptr + tokens[:, None] * stride_xa + ranks[None, :],

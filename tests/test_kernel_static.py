@@ -49,6 +49,50 @@ def test_every_kernel_compiles_for_sm90_and_kept_configs_neither_spill_nor_overf
             assert cost <= 2 * per_weight["masked", tokens, bm, br], (tokens, bm, br)
 
 
+def run_compiler(code: str) -> None:
+    """`code` in a process without the interpreter (kernels compile for a GPU there), with the
+    static check importable as `static`; it fails by raising."""
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    prelude = f"import sys\nsys.path.insert(0, {str(SCRIPT.parent)!r})\nimport kernel_static as static\n"
+    done = subprocess.run([sys.executable, "-c", prelude + code], capture_output=True, text=True, timeout=300,
+                          env=env)
+    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
+
+
+@pytest.mark.skipif(not triton_available(), reason="Triton is not installed")
+def test_a_warm_cache_answers_without_the_tools():
+    """The second compile of a case reads ptxas' and nvdisasm's findings from Triton's cache."""
+    run_compiler("""
+case = static.pruning_cases(["bfloat16"], [16], subset=True)[0]
+first = static.compile_case(case, "sm_90")
+assert "error" not in first and first["regs"] > 0, first
+
+def no_tools(*args, **kwargs):
+    raise AssertionError(f"ran {args[0][0]} for a cached kernel")
+
+static.subprocess.run = no_tools
+again = static.compile_case(case, "sm_90")
+drop = lambda record: {k: v for k, v in record.items() if k != "compile_seconds"}
+assert drop(again) == drop(first), (again, first)
+""")
+
+
+@pytest.mark.skipif(not triton_available(), reason="Triton is not installed")
+def test_the_configs_that_once_spilled_do_not():
+    """Kept configs outside the suite's subset that spilled: the bitmap forward without LoRA at
+    16 x 64 tiles on sm_90 (8 bytes: the row offset carried across the main loop) and the fused
+    PBS row solve at r 64 in fp32 on sm_80 (516 bytes: 64-column steps)."""
+    run_compiler("""
+forward = [c for c in static.matmul_cases(["bfloat16"], [0], subset=False) if c.kernel == "forward"
+           and c.format == "bitmap" and c.kept and c.tokens == 16 and c.config["BLOCK_ROWS"] == 64]
+solve = [c for c in static.pruning_cases(["float32"], [64], subset=False) if c.kernel == "pbs_row_solve"]
+assert len(forward) == 1 and len(solve) == 1
+for case, arch in ((forward[0], "sm_90"), (solve[0], "sm_80")):
+    record = static.compile_case(case, arch)
+    assert "error" not in record and record["spill_bytes"] == 0, record
+""")
+
+
 def test_main_loop_is_the_largest_backward_branch():
     sass = """
         /*0000*/                   MOV R1, c[0x0][0x28] ;
