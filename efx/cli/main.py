@@ -97,9 +97,9 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--output", default="benchmarks/results", help="folder for the results")
     b.add_argument("--only", nargs="+", default=None,
                    help="some of: pbs (seconds), kernels (minutes), static (the kernels compiled for sm_90 "
-                        "without a GPU: registers, spills, shared memory, SASS; about 40 minutes cold), overhead (about 15 minutes on 2 CPU cores), "
-                        "scale (about 15 minutes and 10 GB of RAM), retention (hours on a CPU; resumes where it "
-                        "stopped). Default: all six, in that order")
+                        "without a GPU: registers, spills, shared memory, SASS; about 40 minutes cold, seconds "
+                        "warm), overhead (about 15 minutes on 2 CPU cores), scale (about 15 minutes and 10 GB of "
+                        "RAM), retention (hours on a CPU; resumes where it stopped). Default: all six, in that order")
     return parser
 
 
