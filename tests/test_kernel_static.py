@@ -21,15 +21,20 @@ def load_script():
     return module
 
 
+def without_interpreter(args: list, timeout: int) -> None:
+    """Python with `args` in a process without TRITON_INTERPRET (kernels compile for a GPU there);
+    a non-zero exit fails the test with the process's output."""
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    done = subprocess.run([sys.executable, *args], capture_output=True, text=True, timeout=timeout, env=env)
+    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
+
+
 @pytest.mark.skipif(not triton_available(), reason="Triton is not installed")
 def test_every_kernel_compiles_for_sm90_and_kept_configs_neither_spill_nor_overflow(tmp_path):
     """A subset (bf16, r 16, the largest kept tile per kernel, format and token count): a compile
     error, a spill or shared memory over 227 KB in a kept config makes the check exit 1."""
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     out = tmp_path / "static.json"
-    done = subprocess.run([sys.executable, str(SCRIPT), "--arch", "sm_90", "--subset", "--output", str(out)],
-                          capture_output=True, text=True, timeout=600, env=env)
-    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
+    without_interpreter([str(SCRIPT), "--arch", "sm_90", "--subset", "--output", str(out)], timeout=600)
     records = json.loads(out.read_text())["records"]
     kernels = {r["kernel"] for r in records}
     assert kernels == {"forward", "grad_input", "act_sq", "foresight_score", "foresight_nm_keep_mask", "pbs_rhs",
@@ -50,13 +55,9 @@ def test_every_kernel_compiles_for_sm90_and_kept_configs_neither_spill_nor_overf
 
 
 def run_compiler(code: str) -> None:
-    """`code` in a process without the interpreter (kernels compile for a GPU there), with the
-    static check importable as `static`; it fails by raising."""
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    """`code` with the static check importable as `static`; it fails by raising."""
     prelude = f"import sys\nsys.path.insert(0, {str(SCRIPT.parent)!r})\nimport kernel_static as static\n"
-    done = subprocess.run([sys.executable, "-c", prelude + code], capture_output=True, text=True, timeout=300,
-                          env=env)
-    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
+    without_interpreter(["-c", prelude + code], timeout=300)
 
 
 @pytest.mark.skipif(not triton_available(), reason="Triton is not installed")
