@@ -111,9 +111,9 @@ def _matmul_case(sl, jit, kernel_name, fmt, fmt_id, dtype, rank, config, tokens,
     elem = "*" + DTYPES[dtype]
     # w0, w1, w2 as _weight_args passes them: 2:4 values as int64 quads, int64 position words and
     # the int32 selector table; bitmap values as int32 pairs, int64 mask words and int32 offsets
-    w_types = {"bitmap": ("*i32", "*i64", "*i32"), "2:4": ("*i64", "*i64", "*i32"), "masked": (elem, elem, elem)}[fmt]
+    w_types = {"bitmap": ("*i32", "*i64", "*i32"), "2:4": ("*i64", "*i32", "*i32"), "masked": (elem, elem, elem)}[fmt]
     stride0 = {"bitmap": 0, "2:4": n_in // 8, "masked": n_in}[fmt]
-    stride1 = {"bitmap": n_in // 64, "2:4": n_in // 64, "masked": 0}[fmt]
+    stride1 = {"bitmap": n_in // 64, "2:4": n_in // 32, "masked": 0}[fmt]
     common = dict(n_tokens=tokens, n_out=n_out, n_in=n_in, rank=max(rank, 1) if rank else 0, m_bucket=sl.m_bucket(tokens),
                   stride0=stride0, stride1=stride1)
     import torch

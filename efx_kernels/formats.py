@@ -1,6 +1,6 @@
-"""Compressed formats for a pruned base weight (layouts: docs/formats.md, version 3).
+"""Compressed formats for a pruned base weight (layouts: docs/formats.md, version 4).
 
-- "2:4": kept values (m, n/2) plus 2-bit positions packed sixteen groups (64 columns) to an int64.
+- "2:4": per row and 64 columns 32 kept values and an int64 of 2-bit positions (sixteen groups).
 - "bitmap": per row and 64 columns an int64 bitmask, that segment's kept values packed from an
   8-byte-aligned offset; any sparsity.
 - "masked": the dense weight with zeros (no compression; the reference layout).
@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-FORMAT_VERSION = 3
+FORMAT_VERSION = 4
 FORMATS = ("2:4", "bitmap", "masked")
 GROUPS_PER_WORD = 16  # 2:4 metadata: sixteen 4-column groups (4 bits each) per int64, one word per 64 columns
 
@@ -115,9 +115,11 @@ def _pack_24(weight, keep):
     lane = torch.arange(4, device=weight.device).expand(m, n // 4, 4)
     order = torch.sort(torch.where(groups, lane, lane + 4), dim=-1).values[..., :2] % 4  # (m, g, 2)
     order = torch.sort(order, dim=-1).values
-    vals = (weight * keep).reshape(m, n // 4, 4).gather(-1, order).reshape(m, n // 2)
-    nibble = (order[..., 0] | (order[..., 1] << 2)).to(torch.int64)  # (m, g)
     words = -(-(n // 4) // GROUPS_PER_WORD)
+    # values padded with zeros to whole 64-column words: a kernel reads a row's step without masks
+    vals = torch.zeros(m, 2 * GROUPS_PER_WORD * words, dtype=weight.dtype, device=weight.device)
+    vals[:, : n // 2] = (weight * keep).reshape(m, n // 4, 4).gather(-1, order).reshape(m, n // 2)
+    nibble = (order[..., 0] | (order[..., 1] << 2)).to(torch.int64)  # (m, g)
     padded = torch.zeros(m, words * GROUPS_PER_WORD, dtype=torch.int64, device=weight.device)
     padded[:, : n // 4] = nibble
     shifts = (torch.arange(GROUPS_PER_WORD, device=weight.device) * 4).to(torch.int64)
@@ -145,7 +147,7 @@ def _unpack_24(p):
     nib = _nibbles(p.tensors["meta"], m, n)
     order = torch.stack([nib & 3, nib >> 2], dim=-1)
     dense = torch.zeros(m, n // 4, 4, dtype=p.dtype, device=p.device)
-    dense.scatter_(-1, order, p.tensors["values"].reshape(m, n // 4, 2))
+    dense.scatter_(-1, order, p.tensors["values"][:, : n // 2].reshape(m, n // 4, 2))
     return dense.reshape(m, n)
 
 
@@ -178,7 +180,7 @@ def _pack_bitmap(weight, keep):
     starts = slots.reshape(-1).cumsum(0) - slots.reshape(-1)
     total = int(slots.sum()) * ALIGN
     if total // ALIGN >= 2**31:
-        raise ValueError("bitmap format v3 holds at most 2^33 values per weight")
+        raise ValueError("the bitmap format holds at most 2^33 values per weight (int32 offsets of 4 values)")
     values = torch.zeros(total + SEGMENT, dtype=weight.dtype, device=weight.device)  # + a window's read past the end
     place = starts.reshape(m, segs, 1) * ALIGN + keep_s.cumsum(-1) - 1
     values[place[keep_s]] = vals_p.reshape(m, segs, SEGMENT)[keep_s]
@@ -217,26 +219,31 @@ def _unpack_bitmap_v2(p):
 
 
 def upgrade(packed: PackedWeight) -> PackedWeight:
-    """The same weight in the current layout (version 3).
+    """The same weight in the current layout (version 4).
 
-    2:4: version 1 stored the positions in int32 words of eight groups; versions 2-3 keep those
+    2:4: version 1 stored the positions in int32 words of eight groups; versions 2-4 keep those
     bytes, padded to whole 64-column words, read as int64 (little-endian: the first int32 word is
-    the low half). Bitmap: versions 1-2 packed 16 x 64 tiles (see `_unpack_bitmap_v2`); version 3
-    packs each row's 64-column segments (docs/formats.md), so an old bitmap is unpacked and packed
-    again. Masked has not changed.
+    the low half); versions 1-3 stored the values (m, n/2), version 4 pads them with zeros to the
+    words' 32 per word. Bitmap: versions 1-2 packed 16 x 64 tiles (see `_unpack_bitmap_v2`);
+    versions 3-4 pack each row's 64-column segments (docs/formats.md), so a v1-2 bitmap is unpacked
+    and packed again. Masked has not changed.
     """
     if packed.version == FORMAT_VERSION:
         return packed
-    if packed.version not in (1, 2):
+    if packed.version not in (1, 2, 3):
         raise ValueError(f"packed format v{packed.version}: this efx reads v1 to v{FORMAT_VERSION}")
     tensors = dict(packed.tensors)
-    if packed.format == "bitmap":
+    if packed.format == "bitmap" and packed.version < 3:
         return pack(*_unpack_bitmap_v2(packed), format="bitmap")
-    if packed.format == "2:4" and packed.version == 1:
-        meta = tensors["meta"].to(torch.int32)
-        if meta.shape[1] % 2:
-            meta = torch.cat([meta, torch.zeros_like(meta[:, :1])], dim=1)
-        tensors["meta"] = meta.contiguous().view(torch.int64)
+    if packed.format == "2:4":
+        if packed.version == 1:
+            meta = tensors["meta"].to(torch.int32)
+            if meta.shape[1] % 2:
+                meta = torch.cat([meta, torch.zeros_like(meta[:, :1])], dim=1)
+            tensors["meta"] = meta.contiguous().view(torch.int64)
+        values = tensors["values"]
+        tensors["values"] = torch.cat(
+            [values, values.new_zeros(values.shape[0], 2 * GROUPS_PER_WORD * tensors["meta"].shape[1] - values.shape[1])], dim=1)
     return PackedWeight(packed.format, packed.shape, packed.dtype, tensors)
 
 

@@ -14,8 +14,9 @@ GEMMs done by torch.
 Tile conventions: a weight tile is BLOCK_ROWS output features x 64 input features (one 2:4
 position word or one bitmap mask word per row). Every format's weight loads are pipelined with
 the activation load (cp.async into shared memory, num_stages deep). The 2:4 tile is read as one
-int64 position word and eight int64 value quads per row (a quad: the value pairs of two adjacent
-groups, whose position nibbles make one byte of the word); a quad's eight lanes are four byte
+position word (two int32 halves) and eight int64 value quads per row, without masks (the format
+pads each row to whole 64-column words; a quad: the value pairs of two adjacent groups, whose
+position nibbles make one byte of the word); a quad's eight lanes are four byte
 permutes (PTX prmt, inline assembly) of its two pairs under the four selectors of its position
 byte, the 16 bytes of one row of a 256-row table read through L1, whose address is one more prmt
 (the table is 64 KB aligned), not one masked load per element.
@@ -26,7 +27,7 @@ two mask bits (inline PTX). The interpreter has no inline assembly and computes 
 tensor arithmetic (EMULATE). Costs per weight, compiled for sm_90: benchmarks/kernel_static.py.
 
 dtypes: the kernels take fp16 and bf16 (16-bit tensor-core dots with fp32 accumulation); fp32
-runs the torch path, as do 2:4 weights whose in_features are not a multiple of 8 (`_fused_takes`).
+runs the torch path (`_fused_takes`).
 
 On a GPU both kernels are autotuned, keyed on the token-count bucket (powers of two from 16 to
 1024), the layer shape, the LoRA rank and the format; the interpreter (CPU tests) skips the
@@ -52,20 +53,13 @@ FUSED_DTYPES = (torch.float16, torch.bfloat16)
 
 
 def _fused_takes(x: torch.Tensor, packed: PackedWeight) -> bool:
-    """Whether the fused kernels take this call: they run 16-bit tensor-core dots, and read 2:4
-    values eight bytes (two groups) at a time, so fp32 and 2:4 weights whose in_features are not a
-    multiple of 8 run the torch path (cuBLAS) under EFX_KERNELS=auto and are refused under
-    EFX_KERNELS=triton."""
-    if x.dtype not in FUSED_DTYPES or packed.dtype not in FUSED_DTYPES:
-        problem = (f"the fused sparse-LoRA kernels take fp16 or bf16, got x {x.dtype} and a {packed.dtype} "
-                   "weight; EFX_KERNELS=auto runs other dtypes on the torch path")
-    elif packed.format == "2:4" and packed.shape[1] % 8:
-        problem = (f"the fused 2:4 kernel reads two groups of four columns at a time and needs in_features "
-                   f"divisible by 8, got {packed.shape[1]}; EFX_KERNELS=auto runs this weight on the torch path")
-    else:
+    """Whether the fused kernels take this call: they run 16-bit tensor-core dots, so fp32 runs the
+    torch path (cuBLAS) under EFX_KERNELS=auto and is refused under EFX_KERNELS=triton."""
+    if x.dtype in FUSED_DTYPES and packed.dtype in FUSED_DTYPES:
         return True
     if mode() == "triton":
-        raise ValueError(problem)
+        raise ValueError(f"the fused sparse-LoRA kernels take fp16 or bf16, got x {x.dtype} and a {packed.dtype} "
+                         "weight; EFX_KERNELS=auto runs other dtypes on the torch path")
     return False
 
 
@@ -210,36 +204,33 @@ if tl.constexpr is not None:  # the kernels' view of them (Triton installed)
 
 
 @triton.jit
-def _place_quad(quad, word, index, table_ptr, EMULATE: tl.constexpr):
+def _place_quad(quad, half, index, table_ptr, EMULATE: tl.constexpr):
     """The eight 16-bit lanes of two adjacent 2:4 groups, as four int32 words (lanes 0-1, 2-3, 4-5,
     6-7), from their four values (int64: the first group's pair in the low word) and their two
-    position nibbles, byte `index` of the row's position word `word` (the first group's in bits
-    0-3): row `byte` of `selector_table` holds the four prmt selectors (16 bytes), and each word
-    is one prmt of its group's pair. On the GPU one inline-PTX block: a funnel shift takes the
-    word's half that holds the byte, one prmt writes the byte into bits 8-15 of the table's
+    position nibbles, byte `index` (0-3) of `half`, the int32 half of the row's position word that
+    holds them (the first group's in bits 0-3): row `byte` of `selector_table` holds the four prmt
+    selectors (16 bytes), and each word is one prmt of its group's pair. On the GPU one inline-PTX
+    block: one prmt writes the byte into bits 8-15 of the table's
     address (64 KB aligned, 256-byte rows: the row's address is the table's with that byte
     replaced, no 64-bit arithmetic), one 16-byte read-only load through L1 (a data-dependent read,
     kept out of the software pipeline) and four prmt. EMULATE (the interpreter) computes the
     same bits in tensor arithmetic and with _prmt."""
-    select = _ROW_ADDRESS | ((index & 3) << 4)
-    half = (index >> 2) * 32
+    select = _ROW_ADDRESS | (index << 4)
     if EMULATE:
         first = (quad & 0xFFFFFFFF).to(tl.int32)
         second = (quad >> 32).to(tl.int32)
-        t = (word >> half.to(tl.int64)).to(tl.int32)
-        entry = table_ptr + 64 * ((_prmt(t, select) >> 8) & 0xFF)
+        entry = table_ptr + 64 * ((_prmt(half, select) >> 8) & 0xFF)
         w0 = _prmt(first, tl.load(entry))
         w1 = _prmt(first, tl.load(entry + 1))
         w2 = _prmt(second, tl.load(entry + 2))
         w3 = _prmt(second, tl.load(entry + 3))
     else:
         w0, w1, w2, w3 = tl.inline_asm_elementwise(
-            "{ .reg .b32 s0, s1, s2, s3, v0, v1, h0, h1, t, b0, b1, lo; .reg .b64 a; mov.b64 {v0, v1}, $4; "
-            "mov.b64 {h0, h1}, $5; shf.r.clamp.b32 t, h0, h1, $7; mov.b64 {b0, b1}, $8; prmt.b32 lo, t, b0, $6; "
-            "mov.b64 a, {lo, b1}; "
+            "{ .reg .b32 s0, s1, s2, s3, v0, v1, b0, b1, lo; .reg .b64 a; mov.b64 {v0, v1}, $4; "
+            "mov.b64 {b0, b1}, $7; prmt.b32 lo, $5, b0, $6; mov.b64 a, {lo, b1}; "
             "ld.global.nc.v4.b32 {s0, s1, s2, s3}, [a]; prmt.b32 $0, v0, 0, s0; prmt.b32 $1, v0, 0, s1; "
             "prmt.b32 $2, v1, 0, s2; prmt.b32 $3, v1, 0, s3; }",
-            "=r,=r,=r,=r,l,l,r,r,l", args=[quad, word, select, half, table_ptr.to(tl.int64, bitcast=True)],
+            "=r,=r,=r,=r,l,r,r,l", args=[quad, half, select, table_ptr.to(tl.int64, bitcast=True)],
             dtype=(tl.int32, tl.int32, tl.int32, tl.int32), is_pure=True, pack=1)
     return w0, w1, w2, w3
 
@@ -271,7 +262,7 @@ def _weight_tile(w0_ptr, w1_ptr, w2_ptr, row0, k0, n_rows, n_cols, stride0, stri
 
     bitmap: w0 = the values read as int32 pairs, w1 = the int64 mask words, w2 = the segments'
     value offsets (units of ALIGN elements); 2:4: w0 = the values read as int64 quads (one per
-    two groups of four columns), w1 = the int64 position words, w2 = the prmt selector table
+    two groups of four columns), w1 = the position words as int32 halves, w2 = the prmt selector table
     (`selector_table`); masked: w0 = the dense weight. VALUES is the weight dtype (2:4 and bitmap
     rebuild their elements from their bits).
     """
@@ -303,13 +294,14 @@ def _weight_tile(w0_ptr, w1_ptr, w2_ptr, row0, k0, n_rows, n_cols, stride0, stri
         l1 = (pair >> 16).to(tl.int16).to(VALUES, bitcast=True)
         tile = tl.reshape(tl.join(l0, l1), (BLOCK_ROWS, 64))
     elif FORMAT == 1:
-        # one int64 word of positions per row and 64 columns; the values as eight int64 quads, each
-        # the two value pairs of two adjacent groups, whose two nibbles are one byte of the word
-        quads = tl.arange(0, 8)
-        word = tl.load(w1_ptr + held * stride1 + k0 // 64)
-        quad = tl.load(w0_ptr + held[:, None] * stride0 + (k0 // 8 + quads)[None, :],
-                       mask=((k0 // 8 + quads) < n_cols // 8)[None, :], other=0)
-        words = _place_quad(quad, word[:, None], quads[None, :], w2_ptr, EMULATE)
+        # one position word per row and 64 columns, read as its two int32 halves (each quad's byte
+        # is then one of its half's four: no shift); the values as eight int64 quads, each the two
+        # value pairs of two adjacent groups, whose two nibbles are one byte of the word; no masks,
+        # the format pads every row to whole words
+        halves = tl.load(w1_ptr + held[:, None] * stride1 + k0 // 32 + tl.arange(0, 2)[None, :])
+        quads = 4 * tl.arange(0, 2)[:, None] + tl.arange(0, 4)[None, :]
+        quad = tl.load(w0_ptr + held[:, None, None] * stride0 + (k0 // 8 + quads)[None, :, :])
+        words = _place_quad(quad, halves[:, :, None], tl.arange(0, 4)[None, None, :], w2_ptr, EMULATE)
         lanes = [(w.to(tl.int16).to(VALUES, bitcast=True), (w >> 16).to(tl.int16).to(VALUES, bitcast=True))
                  for w in words]
         # lane 4i + 2j + k of the quad: word 2i + j, half k
@@ -455,8 +447,12 @@ def _weight_args(packed: PackedWeight):
     if packed.format == "bitmap":
         return t["values"].view(torch.int32), t["bitmap"], t["offsets"], 0, t["bitmap"].stride(0)
     if packed.format == "2:4":
+        if t["values"].shape[1] != 32 * t["meta"].shape[1]:
+            raise ValueError(f"2:4 values of shape {tuple(t['values'].shape)} do not fill whole 64-column words "
+                             f"(format v{packed.version}); efx_kernels.formats.upgrade converts older weights")
         quads = t["values"].view(torch.int64)
-        return quads, t["meta"], selector_table(quads.device), quads.stride(0), t["meta"].stride(0)
+        halves = t["meta"].view(torch.int32)
+        return quads, halves, selector_table(quads.device), quads.stride(0), halves.stride(0)
     return t["weight"], t["weight"], t["weight"], t["weight"].stride(0), 0
 
 

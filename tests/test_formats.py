@@ -99,14 +99,33 @@ def test_version_1_two_four_weights_are_upgraded(n, v1_words):
     from efx_kernels.formats import FORMAT_VERSION, PackedWeight, upgrade
     w, keep = two_four(5, n, torch.float16)
     current = pack(w, keep, "2:4")
-    # the bytes v1 stored: eight groups per int32 word, ceil(groups / 8) words (v2 pads to even)
+    # the bytes v1 stored: eight groups per int32 word, ceil(groups / 8) words (v2 pads to even),
+    # and the values unpadded, (m, n/2) (v1-v3)
     words = current.tensors["meta"].view(torch.int32)[:, :v1_words].contiguous()
-    old = PackedWeight("2:4", current.shape, current.dtype, {"values": current.tensors["values"], "meta": words}, 1)
+    values = current.tensors["values"][:, : n // 2].contiguous()
+    old = PackedWeight("2:4", current.shape, current.dtype, {"values": values, "meta": words}, 1)
     new = upgrade(old)
     assert new.version == FORMAT_VERSION and torch.equal(new.unpack(), w)
+    assert all(torch.equal(new.tensors[k], current.tensors[k]) for k in current.tensors)
     bad = PackedWeight("2:4", current.shape, current.dtype, current.tensors, FORMAT_VERSION + 1)
-    with pytest.raises(ValueError, match="reads v1 to v3"):
+    with pytest.raises(ValueError, match=f"reads v1 to v{FORMAT_VERSION}"):
         upgrade(bad)
+
+
+@pytest.mark.parametrize("n", [100, 64, 4])
+def test_two_four_values_fill_whole_words_and_version_3_weights_are_upgraded(n):
+    from efx_kernels.formats import FORMAT_VERSION, PackedWeight, upgrade
+    w, keep = two_four(3, n, torch.bfloat16)
+    current = pack(w, keep, "2:4")
+    words = current.tensors["meta"].shape[1]
+    assert current.tensors["values"].shape == (3, 32 * words)
+    assert (current.tensors["values"][:, n // 2:] == 0).all()
+    old = PackedWeight("2:4", current.shape, current.dtype,
+                       {"values": current.tensors["values"][:, : n // 2].contiguous(),
+                        "meta": current.tensors["meta"]}, 3)
+    new = upgrade(old)
+    assert new.version == FORMAT_VERSION
+    assert all(torch.equal(new.tensors[k], current.tensors[k]) for k in current.tensors)
 
 
 def test_bitmap_layout_one_word_and_one_aligned_offset_per_row_and_64_columns():

@@ -96,8 +96,6 @@ def pinned_tiles(tiles):
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("tokens, m, n, r", [(1, 20, 68, 1), (5, 33, 136, 8), (17, 48, 64, 16), (3, 16, 200, 0)])
 def test_forward_and_gradients(fmt, dtype, tokens, m, n, r):
-    if fmt == "2:4" and n % 8:  # the fused 2:4 kernel reads two groups at a time
-        n += 4
     check_against_reference(fmt, dtype, tokens, m, n, r)
 
 
@@ -130,14 +128,16 @@ def test_fp32_is_refused_by_the_kernels_and_runs_the_torch_path_in_auto(monkeypa
     torch.testing.assert_close(sparse_lora_linear(x, packed, None, None, 1.0), x @ w.to(DEVICE).T)
 
 
-def test_2_4_in_features_not_a_multiple_of_8_are_refused_by_the_kernels_and_run_the_torch_path_in_auto(monkeypatch):
+def test_a_2_4_weight_in_the_version_3_layout_is_refused_with_the_converter_named():
+    from efx_kernels.formats import PackedWeight, upgrade
     w, keep = weight_and_mask("2:4", 20, 68, 0)
-    packed = pack(w.to(DEVICE, torch.float16), keep.to(DEVICE), "2:4")
+    current = pack(w.to(DEVICE, torch.float16), keep.to(DEVICE), "2:4")
+    v3 = PackedWeight("2:4", current.shape, current.dtype,
+                      {"values": current.tensors["values"][:, :34].contiguous(), "meta": current.tensors["meta"]}, 3)
     x = torch.randn(3, 68, device=DEVICE, dtype=torch.float16)
-    with pytest.raises(ValueError, match="divisible by 8, got 68"):
-        sparse_lora_linear(x, packed, None, None, 1.0)
-    monkeypatch.setenv("EFX_KERNELS", "auto")
-    torch.testing.assert_close(sparse_lora_linear(x, packed, None, None, 1.0).float(),
+    with pytest.raises(ValueError, match="do not fill whole 64-column words .format v3.*upgrade"):
+        sparse_lora_linear(x, v3, None, None, 1.0)
+    torch.testing.assert_close(sparse_lora_linear(x, upgrade(v3), None, None, 1.0).float(),
                                x.float() @ w.to(DEVICE, torch.float16).float().T, **TOL[torch.float16])
 
 

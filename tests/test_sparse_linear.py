@@ -117,7 +117,8 @@ def test_a_version_1_two_four_checkpoint_loads_with_the_same_logits(tmp_path):
     with torch.no_grad():
         want = model(ids).logits
     save_sparse(model, tmp_path / "v2")
-    # rewrite it as v1 stored it: positions in int32 words of eight groups
+    # rewrite it as v1 stored it: positions in int32 words of eight groups (its values, (m, n/2),
+    # are v4's at these widths, multiples of 64)
     tensors = load_file(str(tmp_path / "v2" / WEIGHTS))
     for key in [k for k in tensors if k.endswith("meta")]:
         tensors[key] = tensors[key].view(torch.int32).contiguous()
