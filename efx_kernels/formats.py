@@ -223,8 +223,8 @@ def upgrade(packed: PackedWeight) -> PackedWeight:
 
     2:4: version 1 stored the positions in int32 words of eight groups; versions 2-4 keep those
     bytes, padded to whole 64-column words, read as int64 (little-endian: the first int32 word is
-    the low half); versions 1-3 stored the values (m, n/2), version 4 pads them with zeros to the
-    words' 32 per word. Bitmap: versions 1-2 packed 16 x 64 tiles (see `_unpack_bitmap_v2`);
+    the low half); versions 1-3 stored the values (m, n/2), version 4 pads each row with zeros to
+    32 values per position word. Bitmap: versions 1-2 packed 16 x 64 tiles (see `_unpack_bitmap_v2`);
     versions 3-4 pack each row's 64-column segments (docs/formats.md), so a v1-2 bitmap is unpacked
     and packed again. Masked has not changed.
     """
@@ -242,8 +242,8 @@ def upgrade(packed: PackedWeight) -> PackedWeight:
                 meta = torch.cat([meta, torch.zeros_like(meta[:, :1])], dim=1)
             tensors["meta"] = meta.contiguous().view(torch.int64)
         values = tensors["values"]
-        tensors["values"] = torch.cat(
-            [values, values.new_zeros(values.shape[0], 2 * GROUPS_PER_WORD * tensors["meta"].shape[1] - values.shape[1])], dim=1)
+        missing = 2 * GROUPS_PER_WORD * tensors["meta"].shape[1] - values.shape[1]
+        tensors["values"] = torch.cat([values, values.new_zeros(values.shape[0], missing)], dim=1)
     return PackedWeight(packed.format, packed.shape, packed.dtype, tensors)
 
 

@@ -210,10 +210,10 @@ def _place_quad(quad, half, index, table_ptr, EMULATE: tl.constexpr):
     position nibbles, byte `index` (0-3) of `half`, the int32 half of the row's position word that
     holds them (the first group's in bits 0-3): row `byte` of `selector_table` holds the four prmt
     selectors (16 bytes), and each word is one prmt of its group's pair. On the GPU one inline-PTX
-    block: one prmt writes the byte into bits 8-15 of the table's
-    address (64 KB aligned, 256-byte rows: the row's address is the table's with that byte
-    replaced, no 64-bit arithmetic), one 16-byte read-only load through L1 (a data-dependent read,
-    kept out of the software pipeline) and four prmt. EMULATE (the interpreter) computes the
+    block: one prmt writes the byte into bits 8-15 of the table's address (64 KB aligned, 256-byte
+    rows: the row's address is the table's with that byte replaced, no 64-bit arithmetic), one
+    16-byte read-only load through L1 (a data-dependent read, kept out of the software pipeline)
+    and four prmt. EMULATE (the interpreter) computes the
     same bits in tensor arithmetic and with _prmt."""
     select = _ROW_ADDRESS | (index << 4)
     if EMULATE:
