@@ -99,6 +99,23 @@ def test_checkpoint_round_trip_and_dense_export(tmp_path):
         assert (w == 0).float().mean() >= 0.5
 
 
+def test_export_packs_2_4_where_the_zeros_allow_it_and_bitmap_elsewhere(tmp_path):
+    from conftest import char_tokenizer
+    from efx.cli.export import export
+    from efx.model.sparse_linear import packed_format
+    for pattern, want in (("2:4", "2:4"), ("unstructured", "bitmap")):
+        model = pruned_model(pattern)
+        assert packed_format(model) == want
+        model.save_pretrained(tmp_path / pattern)
+        char_tokenizer().save_pretrained(tmp_path / pattern)
+        export(str(tmp_path / pattern), str(tmp_path / f"out-{want}"))
+        loaded, _ = load_sparse(tmp_path / f"out-{want}" / "packed")
+        assert {m.packed.format for m in loaded.modules() if isinstance(m, SparseLoRALinear)} == {want}
+    with pytest.raises(ValueError, match="--format 'dense': expected auto or one of"):
+        export(str(tmp_path / "2:4"), str(tmp_path / "out-bad"), fmt="dense")
+    assert not (tmp_path / "out-bad").exists()
+
+
 def test_bad_masks_leave_the_model_untouched():
     model = pruned_model()
     with pytest.raises(ValueError, match="2:4"):

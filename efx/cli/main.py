@@ -68,7 +68,8 @@ def build_parser() -> argparse.ArgumentParser:
     x = sub.add_parser("export", help="export a saved expert: dense-with-zeros HF folder and packed checkpoint")
     x.add_argument("--model", required=True, help="the expert's Hugging Face folder")
     x.add_argument("--output", required=True, help="folder to write")
-    x.add_argument("--format", default="bitmap", help="packed format: bitmap, 2:4 or masked (default: bitmap)")
+    x.add_argument("--format", default="auto", help="packed format: auto (2:4 where every target weight's zeros "
+                   "allow it, else bitmap), bitmap, 2:4 or masked (default: auto)")
     x.add_argument("--overwrite", action="store_true", help="replace a non-empty output folder")
     x.add_argument("--dtype", default=None, help="float32, bfloat16 or float16 (default: the dtype the expert was "
                                                  "saved in)")
