@@ -101,16 +101,27 @@ def _unpack_masked(p):
 
 # ---- 2:4 ------------------------------------------------------------------------------
 
+def _overfull_groups(keep: torch.Tensor) -> torch.Tensor:
+    """(m, n/4) bool: the groups of four columns that keep more than two."""
+    return keep.reshape(keep.shape[0], -1, 4).sum(-1) > 2
+
+
+def fits_2_4(keep: torch.Tensor) -> bool:
+    """Whether a (m, n) keep mask can be packed as 2:4: n divisible by 4, at most two kept in each
+    group of four columns."""
+    return keep.shape[1] % 4 == 0 and not bool(_overfull_groups(keep).any())
+
+
 def _pack_24(weight, keep):
     m, n = weight.shape
     if n % 4:
         raise ValueError(f"2:4 needs in_features divisible by 4, got {n}")
     groups = keep.reshape(m, n // 4, 4)
-    counts = groups.sum(-1)
-    if (counts > 2).any():
-        row, group = (counts > 2).nonzero()[0].tolist()
+    overfull = _overfull_groups(keep)
+    if overfull.any():
+        row, group = overfull.nonzero()[0].tolist()
         raise ValueError(f"the weight is not 2:4 sparse: row {row}, columns {4 * group}..{4 * group + 3} keep "
-                         f"{int(counts[row, group])} of 4")
+                         f"{int(groups[row, group].sum())} of 4")
     # positions of the kept entries first (in column order), then fillers from the pruned ones
     lane = torch.arange(4, device=weight.device).expand(m, n // 4, 4)
     order = torch.sort(torch.where(groups, lane, lane + 4), dim=-1).values[..., :2] % 4  # (m, g, 2)
@@ -243,7 +254,8 @@ def upgrade(packed: PackedWeight) -> PackedWeight:
             tensors["meta"] = meta.contiguous().view(torch.int64)
         values = tensors["values"]
         missing = 2 * GROUPS_PER_WORD * tensors["meta"].shape[1] - values.shape[1]
-        tensors["values"] = torch.cat([values, values.new_zeros(values.shape[0], missing)], dim=1)
+        if missing:  # none where n is a multiple of 64: the values are kept as they are
+            tensors["values"] = torch.cat([values, values.new_zeros(values.shape[0], missing)], dim=1)
     return PackedWeight(packed.format, packed.shape, packed.dtype, tensors)
 
 

@@ -447,7 +447,7 @@ def _weight_args(packed: PackedWeight):
     if packed.format == "bitmap":
         return t["values"].view(torch.int32), t["bitmap"], t["offsets"], 0, t["bitmap"].stride(0)
     if packed.format == "2:4":
-        if t["values"].shape[1] != 32 * t["meta"].shape[1]:
+        if t["values"].shape[1] != SEGMENT // 2 * t["meta"].shape[1]:  # two of each four columns
             raise ValueError(f"2:4 values of shape {tuple(t['values'].shape)} do not fill whole 64-column words "
                              f"(format v{packed.version}); efx_kernels.formats.upgrade converts older weights")
         quads = t["values"].view(torch.int64)

@@ -8,7 +8,7 @@ from torch import nn
 
 from efx.model.arch import architecture_map, base_linear, lora_parts, reset_lora
 from efx_kernels import PackedWeight, effective_weight, pack, sparse_lora_linear
-from efx_kernels.formats import FORMATS
+from efx_kernels.formats import FORMATS, fits_2_4
 
 BUFFER_PREFIX = "packed_"
 
@@ -142,12 +142,9 @@ def _parent(model: nn.Module, name: str) -> tuple[nn.Module, str]:
 def packed_format(model: nn.Module) -> str:
     """"2:4" when the zeros of every target weight leave at most two nonzeros in each group of four
     columns (fewer bytes and a cheaper decode than bitmap), "bitmap" otherwise."""
-    for block in architecture_map(model).blocks:
-        for module in block.targets.values():
-            w = base_linear(module).weight
-            if w.shape[1] % 4 or ((w.reshape(w.shape[0], -1, 4) != 0).sum(-1) > 2).any():
-                return "bitmap"
-    return "2:4"
+    weights = (base_linear(module).weight for block in architecture_map(model).blocks
+               for module in block.targets.values())
+    return "2:4" if all(fits_2_4(w != 0) for w in weights) else "bitmap"
 
 
 def to_sparse_lora(model: nn.Module, keep_masks: dict[str, torch.Tensor] | None = None, *, format: str = "bitmap",
